@@ -1,0 +1,195 @@
+"""Settings for each stage, as pydantic models.
+
+The same classes are the Prefect flow's parameters (so the UI shows a
+validated form) and the CLI's options. Defaults are plain values: nothing
+here reads the environment or touches torch at import time; "auto" and
+``None`` are resolved by the stage that owns the decision.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+# PEFT initialisations that need no training data (eva, corda, lora_ga need a
+# dataloader; loftq needs a LoftQConfig and a full-precision pass).
+_DATA_FREE_INITS = ("gaussian", "pissa", "olora", "orthogonal")
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_full_sha(revision: str | None) -> bool:
+    return bool(revision) and bool(_SHA_RE.match(revision))
+
+
+class SourceSettings(_Settings):
+    """Where the model comes from and what may be fetched."""
+
+    cache_dir: str | None = Field(
+        default=None,
+        description="Hugging Face cache directory. Default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.",
+    )
+    offline: bool = Field(
+        default=False,
+        description="Use only the local cache (as HF_HUB_OFFLINE=1). Fails if the cache lacks a complete snapshot.",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow repos whose only weights are pickle files (*.bin). Pickle can run code when loaded: only for repos you trust.",
+    )
+    token_secret: str | None = Field(
+        default=None,
+        description="Name of a Prefect Secret block holding the Hugging Face token. Default: the HF_TOKEN environment variable.",
+    )
+    min_free_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Extra free disk space (bytes) to keep in the cache after the download; the download is refused before it starts otherwise.",
+    )
+
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Attn = Literal["auto", "flash_attention_2", "sdpa", "eager"]
+Quantization = Literal["none", "4bit", "8bit"]
+
+
+class LoadSettings(_Settings):
+    """How to load the base model."""
+
+    dtype: Dtype = Field(default="auto", description="Weights dtype. auto: bf16 where supported, fp16 on CUDA without bf16, float32 on CPU.")
+    attn_implementation: Attn = Field(
+        default="auto",
+        description="Attention kernel. auto: flash_attention_2 when installed on a GPU with capability >= 8.0 and a 16-bit dtype, else sdpa, else eager.",
+    )
+    device_map: Union[str, dict[str, Union[int, str]]] = Field(
+        default="auto",
+        description='Placement: auto, cpu, cuda, cuda:N, mps, or a module -> device dict (accelerate style).',
+    )
+    quantization: Quantization = Field(default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA.")
+    max_memory: dict[str, str] | None = Field(
+        default=None,
+        description='Memory budget per device, accelerate style: {"cpu": "20GiB", "0": "70GiB"}. Used by the fit check and by device_map=auto.',
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Enable gradient checkpointing (sets use_cache=False and input gradients for LoRA).")
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow a repo's own Python code (config auto_map). Only with a revision pinned to a full 40-hex commit sha.",
+    )
+
+    @field_validator("device_map")
+    @classmethod
+    def _check_device_map(cls, value):
+        if isinstance(value, str) and not re.match(r"^(auto|cpu|cuda|cuda:\d+|mps)$", value):
+            raise ValueError(f"device_map must be auto, cpu, cuda, cuda:N, mps or a dict, got {value!r}.")
+        return value
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _check_max_memory(cls, value):
+        if value is None:
+            return value
+        bad = []
+        for device, amount in value.items():
+            if not (str(device) in ("cpu", "mps", "disk") or str(device).isdigit()):
+                bad.append(f"device {device!r} (use cpu, mps or a GPU index such as 0)")
+            if not _MEMORY_RE.match(str(amount)):
+                bad.append(f"{device}: {amount!r} (use a size such as '20GiB' or '512MB')")
+        if bad:
+            raise ValueError("max_memory has invalid entries: " + "; ".join(bad) + ".")
+        return {str(k): str(v) for k, v in value.items()}
+
+
+TargetPreset = Literal["all-linear", "attention", "mlp"]
+
+
+class LoraSettings(_Settings):
+    """The LoRA adapter. Maps onto peft.LoraConfig; presets are resolved against the real model."""
+
+    r: int = Field(default=16, gt=0, le=4096, description="LoRA rank (adapter width).")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
+    target_modules: Union[TargetPreset, list[str], str] = Field(
+        default="all-linear",
+        description="all-linear | attention | mlp | a list of module names | a regex matched against full module names. Output head and embeddings are never targeted by a preset.",
+    )
+    exclude_modules: list[str] | None = Field(default=None, description="Module names (suffixes) to leave out of the targets.")
+    modules_to_save: list[str] | None = Field(default=None, description="Modules trained in full and saved with the adapter (e.g. lm_head); makes the adapter large.")
+    use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+    init_lora_weights: Union[bool, str] = Field(
+        default=True,
+        description="true (Kaiming A, zero B) | false | gaussian | pissa | pissa_niter_N | olora | orthogonal: the PEFT initialisations that need no training data.",
+    )
+    rank_pattern: dict[str, int] | None = Field(default=None, description="Per-module rank overrides: {regex: r}.")
+    alpha_pattern: dict[str, float] | None = Field(default=None, description="Per-module alpha overrides: {regex: alpha}.")
+    seed: int = Field(default=0, ge=0, description="Seed for the adapter initialisation: same seed and base give byte-identical adapter weights.")
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _check_init(cls, value):
+        if isinstance(value, bool):
+            return value
+        if value in _DATA_FREE_INITS or re.match(r"^pissa_niter_\d+$", value):
+            return value
+        raise ValueError(
+            f"init_lora_weights must be true, false, {', '.join(_DATA_FREE_INITS)} or pissa_niter_N, got {value!r}."
+        )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules is an empty list; give module names or a preset such as all-linear.")
+        if isinstance(value, str) and value not in ("all-linear", "attention", "mlp"):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"target_modules {value!r} is not a valid regex ({exc}).") from None
+        return value
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _check_rank_pattern(cls, value):
+        bad = {k: v for k, v in (value or {}).items() if v <= 0}
+        if bad:
+            raise ValueError(f"rank_pattern ranks must be positive, got {bad}.")
+        return value
+
+
+class TrackingSettings(_Settings):
+    """Where the run is recorded."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI. Default: MLFLOW_TRACKING_URI, else a SQLite file under the lora-prep data directory.",
+    )
+    experiment: str = Field(default="lora-prep", min_length=1, description="MLflow experiment name.")
+    register_as: str | None = Field(default=None, description="Register the artifact in the MLflow Model Registry under this name.")
+    alias: str | None = Field(default=None, description="Alias for the registered version (e.g. champion); needs register_as.")
+
+    @model_validator(mode="after")
+    def _alias_needs_name(self):
+        if self.alias and not self.register_as:
+            raise ValueError(f"alias {self.alias!r} needs register_as: set the registered model name too.")
+        return self
+
+
+class OutputSettings(_Settings):
+    """Where the artifact directory goes."""
+
+    output_dir: str | None = Field(
+        default=None,
+        description="Parent directory for artifacts. Default: LORA_PREP_HOME/artifacts (~/.local/share/lora-prep/artifacts).",
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Artifact directory name. Default: <org>--<name>--<sha[:12]>--<UTC timestamp>.",
+    )
