@@ -1,0 +1,133 @@
+"""The prepare flow: a Hub model id in, a tracked, adapter-ready LoRA artifact out.
+
+Run it with `lora-prep prepare <model id>`, from a Prefect deployment
+(`deployments/prefect.yaml`), or as a subflow of a training pipeline.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment, flow_run
+from pydantic import BaseModel, ConfigDict
+
+from flows.run_support import StageClock, library_logs_to_prefect, publish_run_artifacts
+from tasks.build import build
+from tasks.download import download
+from tasks.hardware import probe
+from tasks.hub import resolve
+from tasks.plan import plan_task
+from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from tasks.tracking import fail_run, track_task, start_run
+
+
+class PreparedModel(BaseModel):
+    """What the flow returns: small, JSON, enough for a pipeline's next step."""
+
+    model_config = ConfigDict(frozen=True)
+
+    artifact_dir: str
+    repo_id: str
+    revision: str
+    commit_sha: str
+    mlflow_run_id: str
+    mlflow_tracking_uri: str
+    mlflow_run_url: str | None
+    model_uri: str | None
+    total_params: int
+    trainable_params: int
+    target_modules: list[str]
+    bytes_downloaded: int
+    from_cache: bool
+    offline: bool
+    peak_rss_bytes: int
+    seconds: dict[str, float]
+
+
+def _prefect_tags() -> dict[str, str]:
+    tags = {
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": str(flow_run.name),
+        "prefect.flow_name": str(flow_run.flow_name),
+    }
+    if flow_run.ui_url:
+        tags["prefect.flow_run_url"] = flow_run.ui_url
+    if deployment.id:
+        tags["prefect.deployment_id"] = str(deployment.id)
+        tags["prefect.deployment_name"] = str(deployment.name)
+    return tags
+
+
+@task(name="open-mlflow-run", cache_policy=NO_CACHE, timeout_seconds=300)
+def open_run(tracking: TrackingSettings, model_id: str, revision: str, commit_sha: str) -> str | None:
+    return start_run(tracking, _prefect_tags(), {"model_id": model_id, "revision": revision, "commit_sha": commit_sha})
+
+
+def _mark_run_failed(flow, run, state) -> None:
+    """on_failure / on_crashed hook: no MLflow run is left RUNNING."""
+    tracking = TrackingSettings.model_validate(run.parameters.get("tracking") or {})
+    fail_run(tracking, str(run.id))
+
+
+@flow(
+    name="prepare-model",
+    flow_run_name="prepare-{model_id}@{revision}",
+    persist_result=True,
+    result_serializer="json",
+    timeout_seconds=12 * 3600,
+    on_failure=[_mark_run_failed],
+    on_crashed=[_mark_run_failed],
+)
+def prepare_model(
+    model_id: str,
+    revision: str = "main",
+    source: SourceSettings = SourceSettings(),
+    load: LoadSettings = LoadSettings(),
+    lora: LoraSettings = LoraSettings(),
+    tracking: TrackingSettings = TrackingSettings(),
+    output: OutputSettings = OutputSettings(),
+) -> PreparedModel:
+    """Prepare `model_id` at `revision` for LoRA fine-tuning.
+
+    1. resolve   the revision to a commit sha; select the files; read parameter count and dtypes from the headers
+    2. probe     the hardware
+    3. plan      dtype, attention, placement, quantization; refuse here if it cannot fit (no weights fetched yet)
+    4. download  the selected files at the sha into the HF cache, verified (cached task, retried)
+    5. build     load the model, wrap it with LoRA, write the artifact directory (one task; tag gpu)
+    6. track     log the artifact to MLflow, register it if asked (retried)
+    """
+    clock = StageClock()
+    with library_logs_to_prefect():
+        with clock("resolve"):
+            facts = resolve(model_id, revision, source)
+        with clock("probe"):
+            profile = probe(source.cache_dir)
+        with clock("plan"):
+            plan = plan_task(profile, facts, load, revision)
+        open_run(tracking, model_id, revision, facts.commit_sha)
+        with clock("download"):
+            snapshot = download(facts, source)
+        with clock("build"):
+            built = build(snapshot, facts, profile, plan, load, lora, output, {"prefect_flow_run_id": str(flow_run.id)})
+        with clock("track"):
+            tracked = track_task(built.artifact_dir, tracking, _prefect_tags(), clock.metrics(built, snapshot))
+        result = PreparedModel(
+            artifact_dir=built.artifact_dir,
+            repo_id=facts.repo_id,
+            revision=revision,
+            commit_sha=facts.commit_sha,
+            mlflow_run_id=tracked.run_id,
+            mlflow_tracking_uri=tracked.tracking_uri,
+            mlflow_run_url=tracked.run_url,
+            model_uri=tracked.model_uri,
+            total_params=built.total_params,
+            trainable_params=built.trainable_params,
+            target_modules=built.target_modules,
+            bytes_downloaded=snapshot.bytes_transferred,
+            from_cache=snapshot.from_cache,
+            offline=snapshot.offline,
+            peak_rss_bytes=built.peak_rss_bytes,
+            seconds=clock.seconds,
+        )
+        publish_run_artifacts(result, plan)
+    return result

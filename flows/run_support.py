@@ -1,0 +1,91 @@
+"""What the prepare flow needs around its stages: timings, library logs, Prefect artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Iterator
+
+# Libraries whose own log lines belong in the Prefect run logs.
+LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "mlflow", "accelerate", "tasks", "flows")
+
+
+class StageClock:
+    """Wall seconds per stage, in the order the stages ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - started, 3)
+
+    def metrics(self, built, snapshot) -> dict[str, float]:
+        metrics = {f"seconds.{stage}": value for stage, value in self.seconds.items()}
+        metrics["bytes_downloaded"] = float(snapshot.bytes_transferred)
+        metrics["peak_rss_bytes"] = float(built.peak_rss_bytes)
+        metrics["adapter_bytes_estimated"] = float(built.adapter_bytes)
+        return metrics
+
+
+@contextlib.contextmanager
+def library_logs_to_prefect(level: int = logging.INFO) -> Iterator[None]:
+    """Send library logs to the Prefect run logs for the flow's duration (the handler is removed after)."""
+    from prefect.logging.handlers import APILogHandler
+
+    handler = APILogHandler()
+    handler.setLevel(level)
+    changed = []
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        changed.append((logger, logger.level))
+        if logger.getEffectiveLevel() > level:
+            logger.setLevel(level)
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, old_level in changed:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+
+
+def _summary_markdown(result, plan) -> str:
+    reasons = "\n".join(f"| {k} | {v} |" for k, v in plan.reasons.items())
+    seconds = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+    targets = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in result.target_modules}))
+    return f"""# Prepared {result.repo_id}
+
+| | |
+|---|---|
+| revision | `{result.revision}` |
+| commit | `{result.commit_sha}` |
+| artifact | `{result.artifact_dir}` |
+| parameters | {result.total_params:,} total, {result.trainable_params:,} trainable |
+| LoRA targets | {targets} ({len(result.target_modules)} layers) |
+| downloaded | {result.bytes_downloaded:,} bytes (from cache: {result.from_cache}, offline: {result.offline}) |
+| MLflow run | `{result.mlflow_run_id}` |
+| model URI | {result.model_uri or "not registered"} |
+| timings | {seconds} |
+
+## Load plan
+
+| decision | reason |
+|---|---|
+{reasons}
+"""
+
+
+def publish_run_artifacts(result, plan) -> None:
+    """A markdown summary and a link to the MLflow run, on the flow run's Artifacts tab."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    # Artifact keys: lowercase letters, digits and dashes only.
+    create_markdown_artifact(key="prepare-summary", markdown=_summary_markdown(result, plan), description=f"{result.repo_id}@{result.commit_sha[:12]}")
+    if result.mlflow_run_url:
+        create_link_artifact(key="mlflow-run", link=result.mlflow_run_url, link_text=f"MLflow run {result.mlflow_run_id}")
