@@ -1,0 +1,147 @@
+"""Load an adapter-ready artifact back: the API a training pipeline calls.
+
+    from tasks.artifact_load import load_adapter_ready
+    ready = load_adapter_ready("~/.local/share/lora-prep/artifacts/<name>", trainable=True)
+    model, tokenizer, manifest = ready          # unpacks like a tuple
+
+The reference is an artifact directory, ``runs:/<run id>[/artifact]`` or
+``models:/<name>@<alias>`` (or ``models:/<name>/<version>``). The base model
+is fetched at the manifest's commit through the download stage (a cache hit
+when present), its files must match the manifest's sha256 list, the recorded
+load plan is re-applied (re-planned, and said so, when the hardware differs),
+and the adapter is attached.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.artifact import read_manifest
+from tasks.errors import IntegrityError, InvalidInput
+from tasks.settings import LoadSettings, SourceSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterReady:
+    model: Any
+    tokenizer: Any
+    manifest: dict
+    artifact_dir: Path
+    replanned: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer, self.manifest))
+
+    def summary(self) -> dict:
+        base = self.manifest["base_model"]
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return {
+            "artifact_dir": str(self.artifact_dir),
+            "repo_id": base["repo_id"],
+            "commit_sha": base["commit_sha"],
+            "target_modules": self.manifest["lora"]["target_modules"],
+            "total_params": total,
+            "trainable_params": trainable,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "replanned": self.replanned,
+            "notes": self.notes,
+        }
+
+
+def _local_dir(ref: str, tracking_uri: str | None) -> Path:
+    if ref.startswith(("runs:/", "models:/")):
+        from tasks.tracking import download_reference
+
+        return download_reference(ref, Path(tempfile.mkdtemp(prefix="lora-prep-ref-")), tracking_uri)
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise InvalidInput(f"artifact {ref!r} is neither a directory nor a runs:/ or models:/ URI; pass the directory printed by 'lora-prep prepare'.")
+    return path
+
+
+def _hardware_key(profile: dict) -> tuple:
+    """What decides a load plan: the accelerators, not free memory of the moment."""
+    gpus = tuple((d.get("name"), str(d.get("capability")), d.get("bf16")) for d in profile.get("cuda_devices") or [])
+    return (profile.get("cuda_available"), profile.get("mps_available"), gpus)
+
+
+def check_base_files(manifest: dict, snapshot) -> None:
+    """Refuse a base whose files differ from the ones the adapter was made on."""
+    expected = {f["path"]: f for f in manifest["base_model"]["files"]}
+    actual = {f.path: f for f in snapshot.files}
+    problems = []
+    for path, want in expected.items():
+        got = actual.get(path)
+        if got is None:
+            problems.append(f"{path} missing")
+        elif want.get("sha256") and got.sha256 != want["sha256"]:
+            problems.append(f"{path} sha256 {got.sha256[:12]}... != manifest {want['sha256'][:12]}...")
+        elif got.size != want["size"]:
+            problems.append(f"{path} size {got.size} != manifest {want['size']}")
+    if problems:
+        repo, sha = manifest["base_model"]["repo_id"], manifest["base_model"]["commit_sha"]
+        raise IntegrityError(
+            f"base model {repo}@{sha[:12]} does not match the artifact's manifest: {'; '.join(problems)}; "
+            "the adapter was made on other weights: prepare the artifact again.",
+            repo_id=repo,
+        )
+
+
+def load_adapter_ready(
+    ref: str | Path,
+    *,
+    trainable: bool = False,
+    tracking_uri: str | None = None,
+    source: SourceSettings | None = None,
+) -> AdapterReady:
+    from peft import PeftModel
+
+    from tasks.download import download_snapshot
+    from tasks.hardware import probe_hardware
+    from tasks.hub import get_token, resolve_repo
+    from tasks.load import load_model, load_tokenizer
+    from tasks.plan import LoadPlan, ModelFacts, plan_load
+
+    artifact_dir = _local_dir(str(ref), tracking_uri)
+    manifest = read_manifest(artifact_dir)
+    base = manifest["base_model"]
+    source = source or SourceSettings()
+    token = get_token(source)
+
+    facts = resolve_repo(base["repo_id"], base["commit_sha"], source, token=token)
+    snapshot = download_snapshot(facts, source, token=token)
+    check_base_files(manifest, snapshot)
+
+    notes: list[str] = []
+    profile = probe_hardware(source.cache_dir)
+    settings = LoadSettings.model_validate(manifest.get("load_settings") or {})
+    recorded = {k: v for k, v in manifest["load_plan"].items() if k != "used"}
+    if _hardware_key(profile.model_dump(mode="json")) == _hardware_key(manifest.get("hardware") or {}):
+        plan = LoadPlan.model_validate(recorded)
+        replanned = False
+    else:
+        plan = plan_load(profile, ModelFacts.from_repo_facts(facts), settings, base["commit_sha"])
+        replanned = True
+        notes.append(
+            f"hardware differs from the machine that prepared the artifact: re-planned "
+            f"({recorded.get('dtype')}/{recorded.get('device_map')} -> {plan.dtype}/{plan.device_map})"
+        )
+        log.warning(notes[-1])
+
+    loaded = load_model(snapshot.snapshot_dir, plan, settings)
+    # The tokenizer as prepared (pad token included) comes from the artifact, not the base repo.
+    tokenizer, _ = load_tokenizer(str(artifact_dir / "tokenizer"), trust_remote_code=plan.trust_remote_code)
+    if len(tokenizer) > loaded.model.get_input_embeddings().weight.shape[0]:
+        loaded.model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(loaded.model, str(artifact_dir / "adapter"), is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return AdapterReady(model=model, tokenizer=tokenizer, manifest=manifest, artifact_dir=artifact_dir, replanned=replanned, notes=notes)
