@@ -108,7 +108,7 @@ def prepare_model(
         with clock("download"):
             snapshot = download(facts, source)
         with clock("build"):
-            built = build(snapshot, facts, profile, plan, load, lora, output, {"prefect_flow_run_id": str(flow_run.id)})
+            built = build(snapshot, facts, profile, plan, load, lora, output, {"prefect_flow_run_id": str(flow_run.id)}, source.allow_pickle)
         with clock("track"):
             tracked = track_task(built.artifact_dir, tracking, _prefect_tags(), clock.metrics(built, snapshot))
         result = PreparedModel(

@@ -136,7 +136,7 @@ def load_adapter_ready(
         )
         log.warning(notes[-1])
 
-    loaded = load_model(snapshot.snapshot_dir, plan, settings)
+    loaded = load_model(snapshot.snapshot_dir, plan, settings, allow_pickle=source.allow_pickle)
     # The tokenizer as prepared (pad token included) comes from the artifact, not the base repo.
     tokenizer, _ = load_tokenizer(str(artifact_dir / "tokenizer"), trust_remote_code=plan.trust_remote_code)
     if len(tokenizer) > loaded.model.get_input_embeddings().weight.shape[0]:

@@ -56,12 +56,13 @@ def build_adapter_ready(
     lora: LoraSettings,
     output: OutputSettings,
     tracking_info: dict,
+    allow_pickle: bool = False,
 ) -> BuiltArtifact:
     from tasks.load import load_model
     from tasks.lora import wrap_lora
 
     started = time.perf_counter()
-    loaded = load_model(snapshot.snapshot_dir, plan, load)
+    loaded = load_model(snapshot.snapshot_dir, plan, load, allow_pickle=allow_pickle)
     peft_model, report = wrap_lora(loaded.model, lora)
 
     def fill(tmp: Path) -> dict:

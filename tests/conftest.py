@@ -1,0 +1,168 @@
+"""Shared fixtures. Each engineer's fixtures live in their own section below.
+
+Keep the "Hub test bed" section first: it sets HF_ENDPOINT & co. when this file is
+imported, and huggingface_hub reads them once, at its own import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hubserver import HubServer
+
+# --- Hub test bed ---
+#
+# One Hub-compatible server (tests/hubserver.py) for the whole session, started when this
+# file is imported: huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_CACHE into its
+# constants at import time, so they must be set before anything imports it (a test module,
+# a plugin, or a later section of this file). Subprocesses (CLI tests) inherit the same
+# environment and so talk to the same server. pytest_unconfigure stops it and restores the
+# environment.
+
+_HUB_ENV_UNSET = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _start_session_hub() -> dict:
+    if "huggingface_hub" in sys.modules:
+        raise pytest.UsageError(
+            "huggingface_hub was imported before tests/conftest.py could set HF_ENDPOINT; "
+            "move that import below the 'Hub test bed' section or into a fixture."
+        )
+    home = Path(tempfile.mkdtemp(prefix="lora-prep-hub-"))
+    server = HubServer(home / "store").start()
+    env = {
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(home / "hf-home"),
+        "HF_HUB_CACHE": str(home / "hf-home" / "hub"),
+        "HF_HUB_DISABLE_XET": "1",  # plain HTTP downloads: the test hub has no Xet storage
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",  # 2 cores; also silences the fork warning
+    }
+    saved = {k: os.environ.get(k) for k in (*env, *_HUB_ENV_UNSET)}
+    for key in _HUB_ENV_UNSET:
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    return {"server": server, "home": home, "saved": saved}
+
+
+_hub_session = _start_session_hub()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not _hub_session:
+        return
+    _hub_session["server"].stop()
+    for key, value in _hub_session["saved"].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    shutil.rmtree(_hub_session["home"], ignore_errors=True)
+    _hub_session.clear()
+
+
+@pytest.fixture(scope="session")
+def hub() -> Iterator[HubServer]:
+    """The session's running HubServer (HF_ENDPOINT points at it) with the standard test repos.
+
+    ``hub.repos`` is what ``tests.model_factory.build_test_repos(store)`` returned (``{}`` when
+    that module does not exist). Tests may publish more repos with ``hub.publish(...)``; use an
+    org of your own (e.g. "testbed/...") so names do not collide.
+    """
+    server: HubServer = _hub_session["server"]
+    if not server.repos:
+        try:
+            from tests import model_factory
+        except ModuleNotFoundError as exc:
+            if exc.name != "tests.model_factory":
+                raise
+            model_factory = None
+        build = getattr(model_factory, "build_test_repos", None)
+        if build is not None:
+            server.repos = build(server.store)
+    yield server
+    # A server bug answers 500 and is kept here rather than printed per request.
+    assert not server.errors, f"the test hub server hit internal errors: {server.errors}"
+
+
+@pytest.fixture
+def hub_token(hub: HubServer) -> str:
+    """The token the hub accepts for gated repos (pass as ``token=``; HF_TOKEN is unset in tests)."""
+    return hub.token
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: HubServer) -> Iterator[Path]:
+    """A fresh, empty Hugging Face cache for one test; the hub's faults and counters start clean.
+
+    huggingface_hub reads HF_HUB_CACHE into ``huggingface_hub.constants.HF_HUB_CACHE`` once at
+    import, so setting the variable later changes nothing in this process. This fixture sets
+    both the variable (for subprocesses) and the constant (huggingface_hub and transformers read
+    it at call time when ``cache_dir`` is None). Code under test should still take the cache
+    directory as a parameter (SourceSettings.cache_dir) and tests pass ``cache_dir=`` explicitly.
+    """
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    hub.reset_faults()
+    hub.reset_counters()
+    yield cache
+    hub.reset_faults()  # a test that left the hub refusing or failing must not break the next one
+
+
+# --- Pipeline: Prefect, MLflow, lora-prep home ---
+#
+# One Prefect test harness for the session (it costs ~13 s to start: migrations of a
+# temporary SQLite database); results and artifacts go under a temporary PREFECT_HOME
+# set before prefect is imported. MLflow stores are per test: a SQLite file in tmp_path.
+
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="lora-prep-prefect-"))
+os.environ["PREFECT_HOME"] = str(_PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# MLflow's HTTP client retries 7 times with backoff by default (minutes against a dead
+# server); our own Prefect retries are what the tests exercise.
+os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "false"
+# No per-user defaults leak from the developer's machine into tests.
+os.environ["LORA_PREP_HOME"] = str(_PREFECT_HOME / "lora-prep-home")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[str]:
+    """A real Prefect API (the test harness: a temporary database and a server subprocess); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def prefect_home() -> Path:
+    return _PREFECT_HOME
+
+
+@pytest.fixture
+def lora_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A per-test lora-prep data directory (artifacts and the default MLflow store go there)."""
+    home = tmp_path / "lora-prep-home"
+    monkeypatch.setenv("LORA_PREP_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path) -> str:
+    """A real MLflow tracking store: a SQLite file in the test's temporary directory."""
+    return f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"

@@ -1,0 +1,164 @@
+"""The prepare flow end to end: real Prefect API (test harness), the local hub over HTTP,
+real MLflow SQLite stores, real tiny models. No stage is mocked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _prepare(model_id: str, cache: Path, mlflow_uri: str, out: Path, flow=None, **kwargs):
+    from flows.prepare_model import prepare_model
+
+    flow = flow or prepare_model
+    return flow(
+        model_id=model_id,
+        source=kwargs.pop("source", SourceSettings(cache_dir=str(cache))),
+        tracking=kwargs.pop("tracking", TrackingSettings(tracking_uri=mlflow_uri)),
+        output=OutputSettings(output_dir=str(out)),
+        **kwargs,
+    )
+
+
+def _artifact_files(client, run_id: str, path: str = "") -> dict[str, int]:
+    files = {}
+    for info in client.list_artifacts(run_id, path or None):
+        if info.is_dir:
+            files.update(_artifact_files(client, run_id, info.path))
+        else:
+            files[info.path] = info.file_size
+    return files
+
+
+def test_prepare_records_one_finished_mlflow_run_with_params_metrics_tags_and_adapter_only_artifacts(hub, hf_cache, mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    result = _prepare("tiny/llama", hf_cache, mlflow_uri, tmp_path / "out", lora=LoraSettings(r=4))
+
+    assert result.commit_sha == hub.repos["tiny/llama"].sha
+    assert result.bytes_downloaded > 0 and not result.from_cache
+    assert set(result.seconds) == {"resolve", "probe", "plan", "download", "build", "track"}
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model_id"] == "tiny/llama" and params["revision"] == "main"
+    assert params["commit_sha"] == result.commit_sha
+    assert params["plan.dtype"] == "float32" and params["plan.device_map"] == "cpu"
+    assert params["lora.r"] == "4" and "q_proj" in params["lora.target_modules"]
+    metrics = run.data.metrics
+    assert metrics["trainable_params"] == result.trainable_params > 0
+    assert metrics["total_params"] == result.total_params
+    assert metrics["bytes_downloaded"] == result.bytes_downloaded
+    assert {"seconds.download", "seconds.build", "peak_rss_bytes"} <= set(metrics)
+    manifest = json.loads((Path(result.artifact_dir) / "manifest.json").read_text())
+    assert run.data.tags["prefect.flow_run_id"] == manifest["tracking"]["prefect_flow_run_id"]
+    assert manifest["tracking"]["mlflow_run_id"] == result.mlflow_run_id
+
+    logged = _artifact_files(client, result.mlflow_run_id)
+    assert {"artifact/manifest.json", "artifact/README.md", "artifact/adapter/adapter_model.safetensors", "artifact/adapter/adapter_config.json"} <= set(logged)
+    assert any(p.startswith("artifact/tokenizer/") for p in logged)
+    base_weights = sum(f.size for f in hub.repos["tiny/llama"].__dict__.get("_files", [])) if False else None  # noqa: F841
+    assert not [p for p in logged if p.endswith(("model.safetensors", ".bin", ".pth")) and "adapter" not in p.rsplit("/", 1)[-1]]
+    # The adapter holds only the LoRA matrices: far smaller than the base weights.
+    base_bytes = sum(f["size"] for f in manifest["base_model"]["files"] if f["path"].endswith(".safetensors"))
+    assert logged["artifact/adapter/adapter_model.safetensors"] < base_bytes / 2
+
+
+def test_prepare_publishes_a_summary_and_a_link_to_the_mlflow_run_in_prefect(hub, hf_cache, mlflow_uri, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    result = _prepare("tiny/gpt2", hf_cache, mlflow_uri, tmp_path / "out")
+
+    async def read(key):
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    summary = asyncio.run(read("prepare-summary"))
+    link = asyncio.run(read("mlflow-run"))
+    assert any(result.commit_sha in a.data and "c_attn" in a.data for a in summary)
+    assert any(result.mlflow_run_id in a.data for a in link)
+
+
+def test_prefect_result_storage_holds_nothing_over_one_megabyte_after_a_run(hub, hf_cache, mlflow_uri, tmp_path):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    _prepare("tiny/phi3", hf_cache, mlflow_uri, tmp_path / "out")
+
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    sizes = {p.name: p.stat().st_size for p in storage.rglob("*") if p.is_file()}
+    assert sizes, "the flow and the download task persist their small results"
+    assert max(sizes.values()) < 1_000_000, sizes
+
+
+def test_a_prefect_retried_flow_reuses_its_mlflow_run(hub, hf_cache, mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.prepare_model import prepare_model
+
+    # A 403 on the weights' metadata request is permanent: the download task fails at
+    # once (no task retry), the flow fails its first attempt after the MLflow run was opened.
+    hub.fail_next(1, status=403, path_glob="*/resolve/*/model.safetensors", methods=("HEAD",))
+    retrying = prepare_model.with_options(retries=1, retry_delay_seconds=0)
+
+    result = _prepare("tiny/gpt-neox", hf_cache, mlflow_uri, tmp_path / "out", flow=retrying)
+
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("lora-prep")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
+    assert runs[0].info.status == "FINISHED"
+
+
+def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlflow_uri, tmp_path):
+    import torch
+
+    from tasks.artifact_load import load_adapter_ready
+
+    result = _prepare(
+        "tiny/llama", hf_cache, mlflow_uri, tmp_path / "out",
+        tracking=TrackingSettings(tracking_uri=mlflow_uri, register_as="tiny-llama-lora", alias="candidate"),
+    )
+    assert result.model_uri == "models:/tiny-llama-lora@candidate"
+
+    ready = load_adapter_ready(result.model_uri, tracking_uri=mlflow_uri, source=SourceSettings(cache_dir=str(hf_cache)))
+    local = load_adapter_ready(result.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
+    assert ready.manifest["base_model"]["commit_sha"] == result.commit_sha
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(ready.model(ids).logits, local.model(ids).logits)
+
+
+def test_mlflow_unreachable_keeps_the_artifact_and_says_how_to_log_it_later(hub, hf_cache, tmp_path):
+    from tasks.errors import TrackingUnavailable
+
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    with pytest.raises(TrackingUnavailable) as err:
+        _prepare("tiny/llama", hf_cache, dead, tmp_path / "out")
+
+    message = str(err.value)
+    kept = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
+    assert len(kept) == 1 and (kept[0] / "manifest.json").is_file() and (kept[0] / "adapter").is_dir()
+    assert str(kept[0]) in message and f"lora-prep log {kept[0]}" in message
+
+
+def test_a_model_too_big_for_max_memory_is_refused_before_any_weights_are_downloaded(hub, hf_cache, mlflow_uri, tmp_path):
+    from tasks.errors import DoesNotFit
+
+    with pytest.raises(DoesNotFit) as err:
+        _prepare("tiny/llama", hf_cache, mlflow_uri, tmp_path / "out", load=LoadSettings(max_memory={"cpu": "100KB"}))
+
+    assert "max_memory" in str(err.value)
+    # Only the safetensors header was read (ranged reads), never a weights body.
+    header_reads = [r for r in hub.records("*/model.safetensors", "GET")]
+    assert all(r.body_bytes <= 100_000 for r in header_reads)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
