@@ -162,6 +162,31 @@ class LoraSettings(_Settings):
             raise ValueError(f"rank_pattern ranks must be positive, got {bad}.")
         return value
 
+    @field_validator("alpha_pattern")
+    @classmethod
+    def _check_alpha_pattern(cls, value):
+        bad = {k: v for k, v in (value or {}).items() if v <= 0}
+        if bad:
+            raise ValueError(f"alpha_pattern alphas must be positive, got {bad}.")
+        return value
+
+    @field_validator("target_modules", "exclude_modules", "modules_to_save")
+    @classmethod
+    def _check_names(cls, value):
+        if isinstance(value, list) and any(not name.strip() for name in value):
+            raise ValueError(f"module names must not be blank, got {value!r}; remove the empty entries.")
+        return value
+
+    @model_validator(mode="after")
+    def _orthogonal_needs_even_ranks(self):
+        # PEFT's orthogonal init splits one orthogonal matrix into A and B halves (lora/layer.py).
+        if self.init_lora_weights == "orthogonal":
+            odd = [self.r] if self.r % 2 else []
+            odd += [v for v in (self.rank_pattern or {}).values() if v % 2]
+            if odd:
+                raise ValueError(f"init_lora_weights=orthogonal needs even ranks, got {odd}; use an even r (e.g. {self.r + self.r % 2}).")
+        return self
+
 
 class TrackingSettings(_Settings):
     """Where the run is recorded."""

@@ -276,16 +276,34 @@ def _metric(key, value):
     return Metric(key, value, int(time.time() * 1000), 0)
 
 
+def _model_version_source(client, ref: str) -> str:
+    """models:/<name>@<alias> or models:/<name>/<version> -> the version's source (runs:/<id>/artifact).
+
+    Resolved with our client: mlflow.artifacts.download_artifacts resolves
+    models:/ against the process's default registry, not the one we pass.
+    """
+    spec = ref.removeprefix("models:/").strip("/")
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).source
+    name, _, version = spec.rpartition("/")
+    if not name or not version.isdigit():
+        raise InvalidInput(f"{ref!r} is not models:/<name>@<alias> or models:/<name>/<version>; fix the model URI.")
+    return client.get_model_version(name, version).source
+
+
 def download_reference(ref: str, dst: Path, tracking_uri: str | None = None) -> Path:
     """Fetch a runs:/ or models:/ reference into dst and return the artifact directory in it."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if ref.startswith("runs:/") and ref.rstrip("/").count("/") == 1:
-        ref = f"{ref.rstrip('/')}/{ARTIFACT_PATH}"  # runs:/<id> means the run's artifact directory
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst), tracking_uri=uri, registry_uri=uri)
+        if ref.startswith("models:/"):
+            ref = _model_version_source(_client(uri), ref)
+        if ref.startswith("runs:/") and ref.rstrip("/").count("/") == 1:
+            ref = f"{ref.rstrip('/')}/{ARTIFACT_PATH}"  # runs:/<id> means the run's artifact directory
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst), tracking_uri=uri)
     except MlflowException as exc:
         raise InvalidInput(f"cannot fetch {ref} from MLflow at {uri} ({exc.error_code}); check the run id or model name and --tracking-uri.") from exc
     return Path(local)
@@ -313,8 +331,8 @@ def _make_track_task():
 
     return task(
         name="track-mlflow",
-        retries=3,
-        retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
+        retries=2,
+        retry_delay_seconds=exponential_backoff(backoff_factor=3),  # 3 s, 6 s
         retry_jitter_factor=0.5,
         retry_condition_fn=_retry_if_transient,
         cache_policy=NO_CACHE,
