@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -167,10 +168,33 @@ def _warm_prefect() -> threading.Thread | None:
     return thread
 
 
+class _ErrorsOnlyOnce(logging.Filter):
+    """Console only: Prefect's own ERROR records (with tracebacks) are dropped, because the CLI
+    ends with one line that states the error and the fix. The Prefect UI still gets them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.name.startswith("prefect"))
+
+
+def _quiet_console(debug: bool) -> None:
+    if debug:
+        return
+    from prefect.logging import configuration
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if not configuration.PROCESS_LOGGING_CONFIG:
+        configuration.setup_logging()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(_ErrorsOnlyOnce())
+
+
 def cmd_prepare(args) -> int:
     settings = settings_from_args(args)
     warm = _warm_prefect()
     from flows.prepare_model import prepare_model  # imports torch, transformers, peft
+
+    _quiet_console(args.debug)
 
     if warm is not None:
         warm.join(timeout=120)
@@ -301,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        args.debug = debug
         return args.func(args)
     except UsageError as exc:
         print(f"lora-prep: error: {exc}", file=sys.stderr)

@@ -145,7 +145,12 @@ def prefect_harness() -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.logging.configuration import setup_logging
+
     with prefect_test_harness(server_startup_timeout=120):
+        # Configure Prefect's console handler now, on the session's stderr: configured
+        # later inside a capsys test it would keep writing to that test's closed stream.
+        setup_logging()
         yield PREFECT_API_URL.value()
 
 

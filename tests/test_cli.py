@@ -1,0 +1,141 @@
+"""The `lora-prep` command line: exit codes, one-line errors, --json.
+
+Refusals run in-process through `flows.cli.main` (the same code path as the console
+script, against the session's Prefect harness); two tests start the real console
+script as a subprocess to check what a user's terminal gets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("lora-prep: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def common(hf_cache, mlflow_uri, tmp_path) -> list[str]:
+    return ["--cache-dir", str(hf_cache), "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["nobody/nothing"], ["not found", "HF_TOKEN"]),
+        (["tiny/llama", "--revision", "no-such-branch"], ["revision", "no-such-branch"]),
+        (["tiny/gated"], ["gated", "HF_TOKEN"]),
+        (["tiny/llama-pickle"], ["pickle", "--allow-pickle"]),
+        (["tiny/remote-code"], ["own python code", "--trust-remote-code"]),
+        (["tiny/remote-code", "--trust-remote-code"], ["--revision"]),
+        (["tiny/llama", "--max-memory", "cpu=100KB"], ["MiB", "max_memory"]),
+        (["tiny/llama", "--r", "0", "--dropout", "1.5"], ["lora.r", "lora.dropout"]),
+        (["tiny/llama", "--target-modules", "q_projj"], ["q_projj", "q_proj"]),
+    ],
+    ids=["unknown-repo", "bad-revision", "gated-without-token", "pickle-only", "remote-code", "remote-code-unpinned",
+         "does-not-fit", "invalid-lora", "unknown-target-module"],
+)
+def test_each_refusal_exits_2_with_one_line_that_names_the_fix(capsys, hub, common, tmp_path, argv, expected):
+    code, out, err = _run(capsys, "prepare", *argv, *common)
+
+    assert code == 2, err
+    line = _error_line(err)
+    for fragment in expected:
+        assert fragment.lower() in line.lower(), line
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
+
+
+def test_an_unexpected_failure_exits_1(capsys, hub, common):
+    # An unreachable MLflow server is not the user's input: exit 1, and the artifact is kept.
+    code, out, err = _run(capsys, "prepare", "tiny/llama", *common[:2], "--tracking-uri", "http://127.0.0.1:9", *common[4:])
+
+    assert code == 1
+    assert "lora-prep log" in _error_line(err)
+
+
+def test_plan_is_a_dry_run_that_downloads_no_weights(capsys, hub, hf_cache):
+    code, out, err = _run(capsys, "plan", "tiny/llama-extras", "--cache-dir", str(hf_cache), "--json")
+
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["commit_sha"] == hub.repos["tiny/llama-extras"].sha
+    assert {f["path"] for f in report["files"]} >= {"config.json", "model.safetensors"}
+    assert not [f for f in report["files"] if f["path"].endswith((".bin", ".pth")) or f["path"].startswith("original/")]
+    # resolve reads config.json (a few hundred bytes) into the cache; nothing else is fetched.
+    assert [f["path"] for f in report["files"] if f["cached"]] == ["config.json"]
+    assert 0 < report["bytes_to_download"] < report["bytes_total"]
+    assert report["fits"] and report["plan"]["dtype"] == "float32"
+    assert "model.layers.0.self_attn.q_proj" in report["target_modules"]
+    weights = [r for r in hub.records("*/model.safetensors", "GET")]
+    assert all(r.range for r in weights), "only ranged header reads, no weights body"
+
+
+def test_plan_exits_2_and_says_why_when_the_model_does_not_fit(capsys, hub, hf_cache):
+    code, out, err = _run(capsys, "plan", "tiny/llama", "--cache-dir", str(hf_cache), "--max-memory", "cpu=100KB")
+
+    assert code == 2
+    assert "fits       NO" in out and "max_memory" in out
+
+
+def test_probe_prints_a_table_and_json(capsys):
+    code, out, _ = _run(capsys, "probe")
+    assert code == 0 and "CPU" in out
+    code, out, _ = _run(capsys, "probe", "--json")
+    profile = json.loads(out)
+    assert code == 0 and profile["cpu_count"] >= 1 and "cuda_available" in profile
+
+
+def _cli_env(prefect_harness: str, hf_cache: Path) -> dict[str, str]:
+    # Reuse the session's Prefect API instead of letting each process start its own server.
+    return {**os.environ, "PREFECT_API_URL": prefect_harness, "HF_HUB_CACHE": str(hf_cache)}
+
+
+def test_prepare_json_from_a_fresh_process_prints_one_parsable_object_and_load_reads_it_back(prefect_harness, hub, hf_cache, mlflow_uri, tmp_path):
+    lora_prep = Path(sys.executable).with_name("lora-prep")
+    env = _cli_env(prefect_harness, hf_cache)
+    prepared = subprocess.run(
+        [lora_prep, "prepare", "tiny/gpt2", "--r", "4", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / "out"), "--json"],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    result = json.loads(prepared.stdout)
+    assert result["commit_sha"] == hub.repos["tiny/gpt2"].sha
+    assert {"artifact_dir", "mlflow_run_id", "model_uri", "total_params", "trainable_params", "target_modules", "bytes_downloaded", "from_cache", "seconds"} <= set(result)
+
+    loaded = subprocess.run([lora_prep, "load", result["artifact_dir"], "--json"], capture_output=True, text=True, env=env, timeout=240)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    summary = json.loads(loaded.stdout)
+    assert summary["repo_id"] == "tiny/gpt2" and summary["commit_sha"] == result["commit_sha"]
+    assert summary["target_modules"] == result["target_modules"]
+    assert summary["trainable_params"] == 0  # loaded frozen unless --trainable
+
+
+def test_a_refusal_in_a_real_terminal_is_one_error_line_without_traceback(prefect_harness, hub, hf_cache, tmp_path):
+    lora_prep = Path(sys.executable).with_name("lora-prep")
+    done = subprocess.run(
+        [lora_prep, "prepare", "tiny/llama-pickle", "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        capture_output=True, text=True, env=_cli_env(prefect_harness, hf_cache), timeout=240,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "--allow-pickle" in _error_line(done.stderr)
+    assert done.stdout == ""
