@@ -1,0 +1,380 @@
+"""Stage 5a: load the base model and tokenizer from the verified snapshot, as planned.
+
+``load_model(snapshot_dir, plan, settings) -> LoadedModel`` reads exactly the
+files the download stage verified (a local directory, ``local_files_only``),
+with the plan's dtype, placement, attention kernel and quantization, and
+returns the model, the tokenizer and a ``LoadReport`` of what was actually
+used. It is called inside the build task only: the model never crosses a
+task boundary (PITFALLS: Prefect pickles task inputs to hash them).
+
+Memory: one copy of the weights. transformers 5 memory-maps safetensors and
+places each tensor where ``device_map`` says while reading it; nothing here
+deep-copies, materialises a state dict or calls ``.to()`` on the placed
+model. The one extra allocation is a resized embedding matrix, and only when a
+pad token has to be added (see ``docs/PADDING.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.errors import EntryNotFound, InvalidInput, PickleRefused, RemoteCodeRefused
+from tasks.plan import LoadPlan
+from tasks.settings import LoadSettings
+
+log = logging.getLogger(__name__)
+
+# A pad token added to the vocabulary (only when no usable one exists; see choose_pad_token).
+NEW_PAD_TOKEN = "<|pad|>"
+# Tokens that real vocabularies reserve for padding but whose tokenizer config often leaves
+# pad_token unset: Llama 3.1 <|finetune_right_pad_id|>, GPT-NeoX/Pythia <|padding|>,
+# SentencePiece and T5 <pad>, BERT-style [PAD]. Never produced from text, so safe to pad with.
+KNOWN_PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|padding|>", "[PAD]")
+# Grow the embedding matrix to a multiple of 64 rows when a pad token is added: a vocab such as
+# 32001 rows makes the output-head matmul miss tensor-core tile sizes on GPUs (multiples of 8-64).
+EMBEDDING_ROWS_MULTIPLE = 64
+# transformers' attention checks (modeling_utils.py). A ValueError / ImportError raised inside
+# one of these means "this attention kernel cannot be used here"; any other ValueError from
+# from_pretrained (a bad config, a missing tensor) is not an attention problem and is not retried.
+_ATTENTION_CHECKS = frozenset(
+    {
+        "_check_and_adjust_attn_implementation",
+        "get_correct_attn_implementation",
+        "_flash_attn_can_dispatch",
+        "_flash_attn_import_error",
+        "_sdpa_can_dispatch",
+        "_flex_attn_can_dispatch",
+        "lazy_import_flash_attention",
+    }
+)
+
+
+class LoadReport(BaseModel):
+    """What the load actually used; recorded in the manifest next to the plan."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dtype: str = Field(description="dtype of the loaded weights (compute dtype for 4/8-bit loads), e.g. float32.")
+    attn_implementation: str = Field(description="Attention kernel the model runs with, as transformers set it.")
+    attn_fallbacks_tried: list[str] = Field(
+        default_factory=list, description='Kernels that failed at load, in order, with the error class: "flash_attention_2: ImportError".'
+    )
+    device_map: Union[str, dict[str, Union[int, str]]] = Field(
+        description="model.hf_device_map (module -> device) when accelerate placed the model, else the device."
+    )
+    quantization: str = Field(description='"none", "4bit nf4 double-quant compute=<dtype>" or "8bit LLM.int8".')
+    pad_token: str
+    pad_token_id: int
+    pad_token_strategy: str = Field(description="Which pad token was chosen and why (docs/PADDING.md).")
+    embeddings_resized: bool = Field(
+        default=False, description="A new pad token grew the embeddings: the adapter must save them (modules_to_save) to be reloadable."
+    )
+    gradient_checkpointing: bool
+    trust_remote_code: bool
+    kbit_prepared: bool = Field(description="peft.prepare_model_for_kbit_training ran (4/8-bit loads).")
+    seconds: float = Field(description="Wall time of tokenizer + model load and training preparation.")
+
+
+@dataclass
+class LoadedModel:
+    """The live objects; never passed between Prefect tasks (not pydantic on purpose: no validation, no copies)."""
+
+    model: Any
+    tokenizer: Any
+    report: LoadReport
+
+
+# --- safety checks on the snapshot ----------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_remote_code(snapshot: Path, trusted: bool) -> None:
+    """Refuse a snapshot that ships its own code unless the plan trusts it (the planner already refused; this is defence in depth)."""
+    shipping = [name for name in ("config.json", "tokenizer_config.json") if _read_json(snapshot / name).get("auto_map")]
+    if shipping and not trusted:
+        raise RemoteCodeRefused(
+            f"{snapshot} ships its own Python code ({', '.join(shipping)} has auto_map) and the load plan does not trust it: "
+            "read that code, then plan again with --trust-remote-code and --revision <full commit sha>",
+            snapshot_dir=str(snapshot),
+        )
+
+
+def weights_format(snapshot: Path, allow_pickle: bool) -> bool:
+    """True to load safetensors only; False for a pickle-only snapshot that the caller allows. Raises otherwise."""
+    if any(snapshot.glob("*.safetensors")):
+        return True
+    if any(snapshot.glob("pytorch_model*.bin")):
+        if allow_pickle:
+            return False
+        raise PickleRefused(
+            f"{snapshot} holds only pickle weights (pytorch_model*.bin), which can run code when loaded: "
+            "allow them with --allow-pickle (source.allow_pickle=true) for a repo you trust",
+            snapshot_dir=str(snapshot),
+        )
+    raise EntryNotFound(
+        f"{snapshot} has no model weights (*.safetensors or pytorch_model*.bin): download the snapshot again",
+        snapshot_dir=str(snapshot),
+    )
+
+
+# --- tokenizer and pad token --------------------------------------------------------
+
+
+def choose_pad_token(tokenizer) -> tuple[str, str]:
+    """(pad token, why). Why this order: docs/PADDING.md.
+
+    1. the tokenizer's own pad token, unless it is eos (a collator that masks pad ids in the
+       labels would then mask every eos too, and the model never learns to stop);
+    2. a token the vocabulary reserves for padding (KNOWN_PAD_TOKENS);
+    3. unk, when it is a token of its own (not eos/bos): byte-level and byte-fallback tokenizers
+       never emit it, so masking it costs nothing and the embeddings stay as trained;
+    4. a new NEW_PAD_TOKEN, which grows the embeddings when the matrix has no spare row.
+    """
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    reserved = {i for i in (eos, bos) if i is not None}
+    note = ""
+    if tokenizer.pad_token is not None:
+        if tokenizer.pad_token_id not in reserved:
+            return tokenizer.pad_token, f"existing: the tokenizer's own pad token {tokenizer.pad_token!r} (id {tokenizer.pad_token_id})"
+        note = f"; replaced the tokenizer's pad {tokenizer.pad_token!r}, which is also eos/bos (masking pad labels would mask eos, so the model would not learn to stop)"
+    vocab = tokenizer.get_vocab()
+    for token in KNOWN_PAD_TOKENS:
+        if token in vocab and vocab[token] not in reserved:
+            return token, f"reserved: {token!r} (id {vocab[token]}) is in the vocabulary for padding; no new token, embeddings unchanged{note}"
+    unk = tokenizer.unk_token
+    if unk is not None and tokenizer.unk_token_id not in reserved:
+        return unk, (
+            f"unk: reused {unk!r} (id {tokenizer.unk_token_id}), distinct from eos; no new token, embeddings unchanged; "
+            f"pad positions are masked by attention_mask and in labels{note}"
+        )
+    return NEW_PAD_TOKEN, (
+        f"added: {NEW_PAD_TOKEN!r}, because the tokenizer has no pad, no reserved pad and no unk distinct from eos "
+        f"(padding with eos would stop the model learning to end){note}"
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> tuple[Any, str]:
+    """Load the tokenizer from a local snapshot and make sure it has a pad token distinct from eos.
+
+    Returns (tokenizer, pad_token_strategy). When the strategy starts with "added", the model's
+    embeddings must grow to ``len(tokenizer)`` (load_model does that).
+    """
+    from transformers import AutoTokenizer
+
+    check_remote_code(Path(path), trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    pad, strategy = choose_pad_token(tokenizer)
+    if pad == NEW_PAD_TOKEN:
+        tokenizer.add_special_tokens({"pad_token": pad})
+    else:
+        tokenizer.pad_token = pad
+    return tokenizer, strategy
+
+
+def _fit_embeddings_to_tokenizer(model, tokenizer) -> bool:
+    """Grow the embeddings when the tokenizer has more ids than rows; new rows = mean of the old ones.
+
+    Mean rows (Hewitt, "Initializing new word embeddings", 2021) keep the new token's logit at the
+    average, so it cannot dominate generation. transformers' mean_resizing also samples from the
+    rows' covariance, which costs vocab x hidden^2 flops (5e11 for a 32k x 4096 matrix, tens of
+    seconds on CPU) for no benefit to a single pad token, so it is off and the mean is set here.
+    """
+    import torch
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return False  # the matrix already has a spare row for the new id (vocabularies padded to x64, e.g. Qwen)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_ROWS_MULTIPLE, mean_resizing=False)
+    with torch.no_grad():
+        for embedding in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            weight = embedding.weight
+            weight[rows:] = weight[:rows].mean(dim=0, keepdim=True)
+    return True
+
+
+# --- model -----------------------------------------------------------------------------
+
+
+def _raised_by_attention_check(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in _ATTENTION_CHECKS:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def bnb_config(plan: LoadPlan):
+    """The BitsAndBytesConfig for a 4/8-bit plan (None for none). Builds the config only; bitsandbytes is imported by load_model."""
+    if plan.quantization == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if plan.quantization == "4bit":
+        # QLoRA's recipe: NF4 weights, double quantization of the absmax scales (saves ~0.37 bit/param),
+        # matmuls in the plan's 16-bit dtype.
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _quantization_label(plan: LoadPlan) -> str:
+    return {"none": "none", "4bit": f"4bit nf4 double-quant compute={plan.dtype}", "8bit": "8bit LLM.int8"}[plan.quantization]
+
+
+def _device_map_for_accelerate(value):
+    # The plan keeps JSON keys/values as strings ("0"); accelerate wants GPU indices as ints.
+    if isinstance(value, dict):
+        return {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in value.items()}
+    return value
+
+
+def _placement(model) -> Union[str, dict[str, Union[int, str]]]:
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        return {k: v if isinstance(v, int) else str(v) for k, v in device_map.items()}
+    return str(model.device)
+
+
+def _from_pretrained(snapshot_dir: str, plan: LoadPlan, kwargs: dict) -> tuple[Any, list[str]]:
+    """Load with the planned attention kernel, then each of plan.attn_fallbacks while the kernel is the problem.
+
+    transformers checks the kernel in the model's __init__, on the meta device, before reading any
+    weight: a failed attempt costs a config parse and an empty model, not a load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    candidates = [plan.attn_implementation, *plan.attn_fallbacks]
+    tried: list[str] = []
+    for i, attn in enumerate(candidates):
+        try:
+            return AutoModelForCausalLM.from_pretrained(snapshot_dir, attn_implementation=attn, **kwargs), tried
+        except (ValueError, ImportError) as exc:
+            if not _raised_by_attention_check(exc):
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            tried.append(f"{attn}: {type(exc).__name__}")
+            if i + 1 < len(candidates):
+                log.warning("attention %s failed at load (%s: %s); trying %s", attn, type(exc).__name__, first_line[:200], candidates[i + 1])
+                continue
+            raise InvalidInput(
+                f"no attention implementation could be used for {snapshot_dir} (tried {', '.join(tried)}; last: {first_line[:200]}): "
+                "set load.attn_implementation to one this model and machine support (eager always works for transformers models)",
+                snapshot_dir=snapshot_dir,
+                tried=tried,
+            ) from exc
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _prepare_for_training(model, plan: LoadPlan) -> bool:
+    """Gradient checkpointing and k-bit preparation; returns whether prepare_model_for_kbit_training ran."""
+    kbit = plan.quantization != "none"
+    if kbit:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, upcasts the remaining 16-bit params (norms, embeddings) to float32 for stable
+        # training. Checkpointing is enabled below, one code path for quantized and plain loads: peft would
+        # call the deprecated gradient_checkpointing_enable and, with use_reentrant=False, nothing more.
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if plan.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise InvalidInput(
+                f"{type(model).__name__} does not support gradient checkpointing: set load.gradient_checkpointing=false"
+            )
+        # Non-reentrant checkpointing: gradients reach LoRA weights even though the frozen inputs of each
+        # block do not require grad; the input-grad hook keeps reentrant-style callers working too.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+        model.enable_input_require_grads()
+    return kbit
+
+
+def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, allow_pickle: bool = False) -> LoadedModel:
+    """Load tokenizer and model from a verified local snapshot as ``plan`` says; report what was used.
+
+    allow_pickle: the source settings allowed a pickle-only repo (the download stage refused it otherwise).
+    Raises RemoteCodeRefused, PickleRefused, EntryNotFound or InvalidInput (attention, quantization).
+    """
+    import torch
+
+    started = time.perf_counter()
+    snapshot = Path(snapshot_dir)
+    # Remote code needs both the plan and the settings it was made from: a plan edited or built by hand
+    # cannot switch it on alone.
+    trusted = bool(plan.trust_remote_code and settings.trust_remote_code)
+    check_remote_code(snapshot, trusted)
+    safetensors_only = weights_format(snapshot, allow_pickle)
+
+    quantization_config = bnb_config(plan)
+    if quantization_config is not None:
+        try:
+            import bitsandbytes  # noqa: F401  (CUDA-only wheel: imported for quantized loads only)
+        except Exception as exc:  # broken CUDA builds raise OSError/RuntimeError as well as ImportError
+            raise InvalidInput(
+                f"load.quantization={plan.quantization!r} needs bitsandbytes, which does not import here ({type(exc).__name__}): "
+                "install the gpu extra (pip install 'lora-prep[gpu]') on a CUDA machine, or use quantization=none"
+            ) from exc
+
+    tokenizer, strategy = load_tokenizer(str(snapshot), trust_remote_code=trusted)
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, plan.dtype),  # transformers 5: torch_dtype is deprecated
+        "device_map": _device_map_for_accelerate(plan.device_map),
+        "local_files_only": True,
+        "trust_remote_code": trusted,
+        "use_safetensors": safetensors_only,
+    }
+    if plan.max_memory:
+        kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in plan.max_memory.items()}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    model, tried = _from_pretrained(str(snapshot), plan, kwargs)
+
+    resized = _fit_embeddings_to_tokenizer(model, tokenizer)
+    if resized:
+        strategy += f"; embeddings grown to {model.get_input_embeddings().weight.shape[0]} rows (new rows = mean of the old)"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    kbit = _prepare_for_training(model, plan)
+    attn_used = model.config._attn_implementation
+    if tried:
+        log.warning("attention: planned %s, using %s (failed: %s)", plan.attn_implementation, attn_used, ", ".join(tried))
+    report = LoadReport(
+        dtype=str(model.dtype).removeprefix("torch."),
+        attn_implementation=str(attn_used),
+        attn_fallbacks_tried=tried,
+        device_map=_placement(model),
+        quantization=_quantization_label(plan),
+        pad_token=tokenizer.pad_token,
+        pad_token_id=tokenizer.pad_token_id,
+        pad_token_strategy=strategy,
+        embeddings_resized=resized,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        trust_remote_code=trusted,
+        kbit_prepared=kbit,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, report=report)

@@ -1,0 +1,162 @@
+"""The adapter-ready artifact: written atomically, loaded back to the same model,
+refused when the base it was made on has changed. Stages run as plain functions
+(no Prefect here: tests/test_flow.py covers the flow) against the local hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.errors import IntegrityError, InvalidInput
+from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
+
+INPUT = torch.tensor([[1, 7, 42, 99, 3, 250]])
+
+
+def _build(repo_id: str, cache: Path, out: Path, lora: LoraSettings):
+    from tasks.build import build_adapter_ready
+    from tasks.download import download_snapshot
+    from tasks.hardware import probe_hardware
+    from tasks.hub import resolve_repo
+    from tasks.plan import ModelFacts, plan_load
+
+    source, load = SourceSettings(cache_dir=str(cache)), LoadSettings()
+    facts = resolve_repo(repo_id, "main", source)
+    profile = probe_hardware(str(cache))
+    plan = plan_load(profile, ModelFacts.from_repo_facts(facts), load, "main")
+    snapshot = download_snapshot(facts, source)
+    built = build_adapter_ready(snapshot, facts, profile, plan, load, lora, OutputSettings(output_dir=str(out)), {})
+    return built, snapshot, plan
+
+
+def _in_memory_logits(snapshot, plan, lora: LoraSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model the build stage made, rebuilt in memory: base logits and adapted logits."""
+    from tasks.load import load_model
+    from tasks.lora import wrap_lora
+
+    loaded = load_model(snapshot.snapshot_dir, plan, LoadSettings())
+    with torch.no_grad():
+        base = loaded.model(INPUT).logits.clone()
+    model, _ = wrap_lora(loaded.model, lora)
+    model.eval()  # no LoRA dropout: compare the function the weights define
+    with torch.no_grad():
+        return base, model(INPUT).logits
+
+
+# init_lora_weights=False draws both LoRA matrices at random (B is not zero), so the adapter
+# changes the logits and a round trip that lost it would show.
+NOT_IDENTITY = LoraSettings(r=4, init_lora_weights=False, seed=7)
+
+
+@pytest.mark.parametrize("repo_id", ["tiny/llama", "tiny/gpt2", "tiny/phi3", "tiny/gpt-neox"])
+def test_artifact_round_trip_gives_the_logits_of_the_in_memory_model(hub, hf_cache, tmp_path, repo_id):
+    from tasks.artifact_load import load_adapter_ready
+
+    built, snapshot, plan = _build(repo_id, hf_cache, tmp_path / "out", NOT_IDENTITY)
+    base, expected = _in_memory_logits(snapshot, plan, NOT_IDENTITY)
+
+    model, tokenizer, manifest = load_adapter_ready(built.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
+    with torch.no_grad():
+        got = model(INPUT).logits
+    assert not torch.allclose(base, expected), "the adapter must change the output for this test to mean anything"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert tokenizer.pad_token is not None
+    assert manifest["lora"]["target_modules"] == built.target_modules
+
+
+def test_manifest_records_the_pinned_base_files_plan_lora_versions_and_a_model_card(hub, hf_cache, tmp_path):
+    built, snapshot, _ = _build("tiny/llama-sharded", hf_cache, tmp_path / "out", LoraSettings(r=2))
+    art = Path(built.artifact_dir)
+    manifest = json.loads((art / "manifest.json").read_text())
+
+    assert manifest["schema"] == "lora-prep/manifest@1"
+    base = manifest["base_model"]
+    assert base["repo_id"] == "tiny/llama-sharded" and base["revision"] == "main"
+    assert base["commit_sha"] == hub.repos["tiny/llama-sharded"].sha and base["offline"] is False
+    shards = [f for f in base["files"] if f["path"].endswith(".safetensors")]
+    assert len(shards) == 3 and all(len(f["sha256"]) == 64 and f["size"] > 0 for f in shards)
+    assert manifest["load_plan"]["dtype"] == "float32" and manifest["load_plan"]["reasons"]["dtype"]
+    assert manifest["load_plan"]["used"]["attn_implementation"] in ("sdpa", "eager")
+    assert manifest["lora"]["r"] == 2 and manifest["parameters"]["trainable"] == built.trainable_params
+    assert {"python", "torch", "transformers", "peft", "accelerate", "huggingface_hub", "prefect", "mlflow"} <= set(manifest["versions"])
+    assert manifest["hardware"]["cpu_count"] >= 1 and manifest["created_at"]
+    card = (art / "README.md").read_text()
+    assert base["commit_sha"] in card and "load_adapter_ready" in card
+    adapter_files = sorted(p.name for p in (art / "adapter").iterdir())
+    assert "adapter_model.safetensors" in adapter_files and not [n for n in adapter_files if n.startswith("model")]
+
+
+def test_load_back_refuses_a_base_whose_files_differ_from_the_manifest(hub, hf_cache, tmp_path):
+    from tasks.artifact_load import load_adapter_ready
+
+    built, _, _ = _build("tiny/llama", hf_cache, tmp_path / "out", LoraSettings(r=2))
+    path = Path(built.artifact_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    weights = next(f for f in manifest["base_model"]["files"] if f["path"] == "model.safetensors")
+    weights["sha256"] = "0" * 64  # the adapter claims to be made on other weights
+    path.write_text(json.dumps(manifest))
+
+    with pytest.raises(IntegrityError) as err:
+        load_adapter_ready(built.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
+    assert "model.safetensors" in str(err.value) and "prepare the artifact again" in str(err.value)
+
+
+def test_load_back_repairs_a_tampered_cached_base_file_before_loading(hub, hf_cache, tmp_path):
+    from tasks.artifact_load import load_adapter_ready
+
+    built, snapshot, _ = _build("tiny/llama", hf_cache, tmp_path / "out", LoraSettings(r=2))
+    blob = (Path(snapshot.snapshot_dir) / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # flip bits in the last tensor
+    blob.write_bytes(bytes(data))
+
+    ready = load_adapter_ready(built.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
+    import hashlib
+
+    expected = next(f["sha256"] for f in ready.manifest["base_model"]["files"] if f["path"] == "model.safetensors")
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == expected
+
+
+def test_a_crash_while_writing_leaves_no_complete_looking_artifact(tmp_path):
+    parent = tmp_path / "artifacts"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from tasks.artifact import write_artifact
+
+        def fill(tmp: Path) -> dict:
+            (tmp / "adapter").mkdir()
+            (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 4096)
+            os.kill(os.getpid(), signal.SIGKILL)  # the process dies mid-write: no cleanup runs
+
+        write_artifact(Path({str(parent)!r}), "tiny--llama--abc", fill, lambda m: "")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+
+    left = list(parent.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".tiny--llama--abc.partial-")
+    assert not (parent / "tiny--llama--abc").exists()
+    from tasks.artifact import read_manifest
+
+    with pytest.raises(InvalidInput):
+        read_manifest(left[0])
+
+
+def test_an_existing_artifact_directory_is_never_overwritten(tmp_path):
+    from tasks.artifact import write_artifact
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(InvalidInput):
+        write_artifact(tmp_path, "taken", lambda tmp: {}, lambda m: "")
+    assert not [p for p in tmp_path.iterdir() if p.name != "taken"]
