@@ -7,8 +7,10 @@ import logging
 import time
 from typing import Iterator
 
-# Libraries whose own log lines belong in the Prefect run logs.
-LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "mlflow", "accelerate", "tasks", "flows")
+# Loggers whose records belong in the Prefect run logs: the libraries at their own level
+# (warnings by default: transformers' INFO dumps whole configs) and ours at INFO.
+LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "mlflow", "accelerate")
+OUR_LOGGERS = ("tasks", "flows")
 
 
 class StageClock:
@@ -39,12 +41,11 @@ def library_logs_to_prefect(level: int = logging.INFO) -> Iterator[None]:
     from prefect.logging.handlers import APILogHandler
 
     handler = APILogHandler()
-    handler.setLevel(level)
     changed = []
-    for name in LIBRARY_LOGGERS:
+    for name in LIBRARY_LOGGERS + OUR_LOGGERS:
         logger = logging.getLogger(name)
         changed.append((logger, logger.level))
-        if logger.getEffectiveLevel() > level:
+        if name in OUR_LOGGERS and logger.getEffectiveLevel() > level:
             logger.setLevel(level)
         logger.addHandler(handler)
     try:

@@ -163,3 +163,31 @@ def test_a_model_too_big_for_max_memory_is_refused_before_any_weights_are_downlo
     assert reads and all(r.range for r in reads)
     assert hub.body_bytes("*/model.safetensors") < weights.stat().st_size
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_library_and_stage_logs_reach_the_prefect_run_logs(hub, hf_cache, mlflow_uri, tmp_path):
+    import asyncio
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.prepare_model import prepare_model
+
+    # transformers at INFO for this test (as a user would set it) so that its records exist.
+    hf_logger = logging.getLogger("transformers")
+    old = hf_logger.level
+    hf_logger.setLevel(logging.INFO)
+    try:
+        state = _prepare("tiny/llama", hf_cache, mlflow_uri, tmp_path / "out", flow=prepare_model.with_options(), return_state=True)
+    finally:
+        hf_logger.setLevel(old)
+    flow_run_id = state.state_details.flow_run_id
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    names = {log.name for log in asyncio.run(read())}
+    assert "tasks.build" in names  # our stage logs ("artifact written to ...")
+    assert any(name.startswith("transformers.") for name in names), names
