@@ -1,0 +1,309 @@
+"""Spec of stage 4, download (tasks/download.py): only the selected bytes move, a warm cache
+moves none, corrupt blobs are repaired, transient faults end in success, the Hub being down
+is survived from a warm cache, concurrent runs share one transfer, and tokens leak nowhere.
+
+Real HTTP against tests/hubserver.py, real huggingface_hub, a fresh HF cache per test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from tasks.download import VerifyStats, check_disk_space, download_snapshot
+from tasks.errors import GatedRepo, IntegrityError, NotEnoughDisk, OfflineCacheMiss
+from tasks.hub import resolve_repo
+from tasks.settings import SourceSettings
+from tests.model_factory import build_model_dir
+
+THREAD_TIMEOUT_S = 60
+
+
+def _source(cache: Path, **kw) -> SourceSettings:
+    return SourceSettings(cache_dir=str(cache), **kw)
+
+
+def _whole_file_bytes(hub, repo_id: str) -> int:
+    """GET body bytes for repo_id's files, ranged header reads (get_safetensors_metadata) excluded."""
+    return sum(r.body_bytes for r in hub.records(f"/{repo_id}/resolve/*", "GET") if r.range is None)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _blob(snapshot_dir: str, path: str) -> Path:
+    return Path(os.path.realpath(Path(snapshot_dir) / path))
+
+
+# --- bytes on the wire ---------------------------------------------------------------------------
+
+
+def test_cold_run_transfers_exactly_the_selected_files(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/llama-extras", "main", src)
+    snap = download_snapshot(facts, src)
+
+    # whole-file bodies = the selected files, byte for byte (config.json came during resolve)
+    assert _whole_file_bytes(hub, "tiny/llama-extras") == facts.selected_bytes
+    ranged = [r for r in hub.records("/tiny/llama-extras/resolve/*", "GET") if r.range is not None]
+    assert [(r.path.rsplit("/", 1)[1], r.body_bytes) for r in ranged] == [
+        ("model.safetensors", min(100_001, facts.file("model.safetensors").size))
+    ]
+    assert hub.requests("*/pytorch_model.bin") == hub.requests("*/original/*") == 0
+    # on disk: the selected files, each verified against the Hub's sha256
+    files = {p.relative_to(snap.snapshot_dir).as_posix() for p in Path(snap.snapshot_dir).rglob("*") if p.is_file()}
+    assert files == set(facts.selected)
+    for f in snap.files:
+        assert _sha256(Path(snap.snapshot_dir) / f.path) == f.sha256
+        assert f.size == facts.file(f.path).size
+    assert facts.file("model.safetensors").sha256 == {f.path: f for f in snap.files}["model.safetensors"].sha256
+    # the run's own count: what download_snapshot received (config.json came during resolve)
+    assert snap.bytes_transferred == facts.selected_bytes - facts.file("config.json").size
+    assert (snap.from_cache, snap.offline, snap.commit_sha) == (False, False, hub.repos["tiny/llama-extras"].sha)
+
+
+def test_warm_run_transfers_no_file_bodies_and_hashes_nothing(hub, hf_cache):
+    src = _source(hf_cache)
+    cold_stats, warm_stats = VerifyStats(), VerifyStats()
+    first = download_snapshot(resolve_repo("tiny/llama", "main", src), src, stats=cold_stats)
+    hub.reset_counters()
+    facts = resolve_repo("tiny/llama", "main", src)
+    snap = download_snapshot(facts, src, stats=warm_stats)
+    assert cold_stats.hashed == warm_stats.files == len(facts.selected)
+    assert warm_stats.hashed == 0  # the verified markers still match the blobs: no re-hashing
+    assert hub.body_bytes("*/resolve/*") == 0  # no body, not even a header range: read from the cache
+    assert hub.requests("*/resolve/*", "GET") == 0
+    assert hub.requests("/api/models/*") == 2  # revision lookup + tree listing, nothing else
+    assert (snap.bytes_transferred, snap.from_cache) == (0, True)
+    assert snap.files == first.files and snap.snapshot_dir == first.snapshot_dir
+
+
+def test_sharded_repo_downloads_index_and_all_shards(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/llama-sharded", "main", src)
+    snap = download_snapshot(facts, src)
+    index = json.loads((Path(snap.snapshot_dir) / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) == 3
+    assert shards <= {f.path for f in snap.files}
+    assert _whole_file_bytes(hub, "tiny/llama-sharded") == facts.selected_bytes
+
+
+def test_pickle_weights_download_when_allowed(hub, hf_cache):
+    src = _source(hf_cache, allow_pickle=True)
+    snap = download_snapshot(resolve_repo("tiny/llama-pickle", "main", src), src)
+    assert (Path(snap.snapshot_dir) / "pytorch_model.bin").is_file()
+
+
+def test_deleted_file_is_fetched_again_alone(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/gpt2", "main", src)
+    snap = download_snapshot(facts, src)
+    _blob(snap.snapshot_dir, "tokenizer.json").unlink()  # the snapshot link now dangles
+    hub.reset_counters()
+    again = download_snapshot(facts, src)
+    assert _whole_file_bytes(hub, "tiny/gpt2") == facts.file("tokenizer.json").size
+    assert again.bytes_transferred == facts.file("tokenizer.json").size
+    assert _sha256(Path(again.snapshot_dir) / "tokenizer.json") == facts.file("tokenizer.json").sha256
+
+
+# --- integrity -------------------------------------------------------------------------------------
+
+
+def test_corrupted_blob_in_cache_is_detected_and_repaired(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/llama", "v1", src)
+    snap = download_snapshot(facts, src)
+    blob = _blob(snap.snapshot_dir, "model.safetensors")
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern off: only the hash can tell
+    blob.write_bytes(bytes(data))
+    hub.reset_counters()
+
+    repaired = download_snapshot(facts, src)
+    size = facts.file("model.safetensors").size
+    assert _whole_file_bytes(hub, "tiny/llama") == size  # that one file, once
+    assert _sha256(_blob(repaired.snapshot_dir, "model.safetensors")) == facts.file("model.safetensors").sha256
+    assert repaired.bytes_transferred == size
+
+
+def test_a_corrupt_small_file_is_caught_by_its_git_oid(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/gpt2", "main", src)
+    snap = download_snapshot(facts, src)
+    blob = _blob(snap.snapshot_dir, "generation_config.json")
+    blob.write_text(blob.read_text().replace("1", "7"))  # same size
+    repaired = download_snapshot(facts, src)
+    assert _blob(repaired.snapshot_dir, "generation_config.json").name == facts.file("generation_config.json").blob_id
+    assert "7" not in _blob(repaired.snapshot_dir, "generation_config.json").read_text().split('"bos_token_id"')[0]
+
+
+def test_hub_serving_other_bytes_than_it_lists_is_an_integrity_error(hub, hf_cache, tmp_path):
+    repo_id = f"testbed/drift-{uuid.uuid4().hex[:8]}"
+    sha = hub.publish(repo_id, build_model_dir("gpt2", tmp_path / "m"))
+    src = _source(hf_cache)
+    facts = resolve_repo(repo_id, "main", src)
+    # The served file changes after the listing was taken: same size, other bytes.
+    served = hub.store / repo_id / "commits" / sha / "model.safetensors"
+    data = bytearray(served.read_bytes())
+    data[-1] ^= 0xFF
+    served.write_bytes(bytes(data))
+    hub.reset_counters()
+    with pytest.raises(IntegrityError, match=r"model\.safetensors does not match the Hub's sha256.*after a fresh download"):
+        download_snapshot(facts, src)
+    assert len(hub.records(f"/{repo_id}/resolve/*/model.safetensors", "GET")) == 2  # first try + one repair
+
+
+# --- transient faults end in success ----------------------------------------------------------------
+
+
+def test_two_503s_on_file_metadata_are_retried_by_huggingface_hub(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/gpt2", "main", src)
+    hub.reset_counters()
+    hub.fail_next(2, status=503, path_glob="/tiny/gpt2/resolve/*/model.safetensors", methods=["HEAD"])
+    snap = download_snapshot(facts, src)
+    assert [r.status for r in hub.records("*/model.safetensors", "HEAD")] == [503, 503, 200]
+    assert _sha256(Path(snap.snapshot_dir) / "model.safetensors") == facts.file("model.safetensors").sha256
+
+
+def test_a_cut_off_small_file_is_fetched_again_and_the_run_succeeds(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/llama-sharded", "main", src)
+    shard = next(p for p in facts.selected if p.endswith(".safetensors"))
+    size = facts.file(shard).size
+    hub.reset_counters()
+    hub.cut_after(f"/tiny/llama-sharded/resolve/*/{shard}", nbytes=size // 3)
+    snap = download_snapshot(facts, src)
+    # huggingface_hub keeps bytes in 10 MiB chunks: below one chunk, nothing was kept to resume from
+    assert [r.body_bytes for r in hub.records(f"*/{shard}", "GET")] == [size // 3, size]
+    assert _sha256(Path(snap.snapshot_dir) / shard) == facts.file(shard).sha256
+
+
+def test_a_cut_off_large_download_resumes_with_a_range_request(hub, hf_cache, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    repo_id = f"testbed/large-{uuid.uuid4().hex[:8]}"
+    model = build_model_dir("gpt2", tmp_path / "m")
+    save_file({"w": torch.arange(3_000_000, dtype=torch.float32)}, str(model / "model.safetensors"))  # 12 MB
+    hub.publish(repo_id, model)
+    src = _source(hf_cache)
+    facts = resolve_repo(repo_id, "main", src)
+    size = facts.file("model.safetensors").size
+    chunk = 10 * 1024 * 1024  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: the unit it keeps and resumes from
+    hub.reset_counters()
+    hub.cut_after(f"/{repo_id}/resolve/*/model.safetensors", nbytes=chunk + 1000)
+    snap = download_snapshot(facts, src)
+    gets = hub.records(f"/{repo_id}/resolve/*/model.safetensors", "GET")
+    assert [(r.range, r.body_bytes) for r in gets] == [(None, chunk + 1000), (f"bytes={chunk}-", size - chunk)]
+    assert _sha256(Path(snap.snapshot_dir) / "model.safetensors") == facts.file("model.safetensors").sha256
+    assert snap.bytes_transferred == facts.selected_bytes - facts.file("config.json").size  # the resumed bytes once
+
+
+# --- offline ---------------------------------------------------------------------------------------
+
+
+def test_hub_down_with_warm_cache_works_offline(hub, hf_cache, caplog):
+    src = _source(hf_cache)
+    online = download_snapshot(resolve_repo("tiny/llama-sharded", "main", src), src)
+    hub.refuse()
+    facts = resolve_repo("tiny/llama-sharded", "main", src)
+    snap = download_snapshot(facts, src)
+    assert facts.offline and snap.offline
+    assert snap.files == online.files and snap.snapshot_dir == online.snapshot_dir
+    assert "Hub unreachable" in caplog.text
+
+
+def test_offline_download_of_a_corrupt_cache_refuses_and_says_to_reconnect(hub, hf_cache):
+    src = _source(hf_cache)
+    snap = download_snapshot(resolve_repo("tiny/gpt2", "main", src), src)
+    blob = _blob(snap.snapshot_dir, "model.safetensors")
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    offline = _source(hf_cache, offline=True)
+    with pytest.raises(IntegrityError, match="run again with network access"):
+        download_snapshot(resolve_repo("tiny/gpt2", "main", offline), offline)
+    assert not blob.exists()  # removed, so the next online run fetches it
+    with pytest.raises(OfflineCacheMiss):
+        resolve_repo("tiny/gpt2", "main", offline)
+
+
+# --- concurrency -------------------------------------------------------------------------------------
+
+
+def test_two_concurrent_runs_transfer_the_bodies_once(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/llama-sharded", "main", src)
+    hub.reset_counters()
+    # Each body GET waits 0.3 s, so the second run arrives while the first holds the file locks.
+    hub.delay(0.3, path_glob="/tiny/llama-sharded/resolve/*", methods=["GET"])
+    results: dict[int, object] = {}
+    start = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        start.wait(THREAD_TIMEOUT_S)
+        try:
+            results[i] = download_snapshot(facts, src)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"download-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(THREAD_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads)
+    a, b = results[0], results[1]
+    assert not isinstance(a, Exception) and not isinstance(b, Exception), results
+    assert a.files == b.files
+    fetched = facts.selected_bytes - facts.file("config.json").size - facts.file("model.safetensors.index.json").size
+    assert _whole_file_bytes(hub, "tiny/llama-sharded") == fetched  # one copy over the wire
+    assert a.bytes_transferred + b.bytes_transferred == fetched  # and each run counts what it received
+
+
+# --- disk space ----------------------------------------------------------------------------------------
+
+_Usage = namedtuple("_Usage", "total used free")
+
+
+def test_disk_check_refuses_naming_needed_and_free_bytes(tmp_path):
+    with pytest.raises(NotEnoughDisk, match=r"needs 5,000 bytes in .* but only 4,096 bytes are free: free some space") as err:
+        check_disk_space(tmp_path / "not-yet", 5_000, 0, free_bytes_fn=lambda p: _Usage(0, 0, 4_096))
+    assert err.value.context == {"needed_bytes": 5_000, "free_bytes": 4_096}
+    check_disk_space(tmp_path, 4_000, 96, free_bytes_fn=lambda p: _Usage(0, 0, 4_096))  # exactly fits
+
+
+def test_download_refuses_before_any_body_when_min_free_cannot_be_kept(hub, hf_cache):
+    src = _source(hf_cache, min_free_bytes=2**62)  # more than any disk: the check must refuse
+    facts = resolve_repo("tiny/gpt2", "main", src)
+    hub.reset_counters()
+    with pytest.raises(NotEnoughDisk, match=r"keep 4,611,686,018,427,387,904 free \(min_free_bytes\)"):
+        download_snapshot(facts, src)
+    assert hub.requests("*/resolve/*") == 0
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+
+
+def test_gated_download_with_token_works_and_the_token_shows_nowhere(hub, hf_cache, hub_token, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    src = _source(hf_cache)
+    with pytest.raises(GatedRepo):
+        resolve_repo("tiny/gated", "main", src)
+    facts = resolve_repo("tiny/gated", "main", src, token=hub_token)
+    snap = download_snapshot(facts, src, token=hub_token)
+    assert (Path(snap.snapshot_dir) / "model.safetensors").is_file()
+    out, err = capfd.readouterr()
+    for text in (caplog.text, out, err, facts.model_dump_json(), snap.model_dump_json(), repr(facts), repr(snap)):
+        assert hub_token not in text
