@@ -5,7 +5,6 @@ refused when the base it was made on has changed. Stages run as plain functions
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
