@@ -8,7 +8,8 @@ fresh processes, medians of --runs:
   cli      `lora-prep prepare` on the embedded defaults (ephemeral Prefect server, MLflow SQLite)
   cli-api  `lora-prep prepare` against an already running Prefect API (PREFECT_API_URL)
   2x cli   two `lora-prep prepare` started together on one PREFECT_HOME (wall time, exit codes)
-Each run gets a cold HF cache, so all variants download the same bytes.
+Each run gets a cold HF cache (all variants download the same bytes); the MLflow store and
+PREFECT_HOME are shared and warmed once, as on a user's machine.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> None:
         run = work / f"run{i}"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
         return {**base, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(run / "hf"),
-                "LORA_PREP_HOME": str(run / "home"), "PREFECT_HOME": str(work / "prefect-home"), **extra}
+                "LORA_PREP_HOME": str(work / "home"), "PREFECT_HOME": str(work / "prefect-home"), **extra}
 
     results: dict[str, list[float]] = {"bare": [], "cli": [], "cli-api": []}
     n = 0
