@@ -188,6 +188,14 @@ def test_library_and_stage_logs_reach_the_prefect_run_logs(hub, hf_cache, mlflow
         async with get_client() as client:
             return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
-    names = {log.name for log in asyncio.run(read())}
+    # Run logs are shipped in batches by a background worker: wait for them, bounded.
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        names = {log.name for log in asyncio.run(read())}
+        if "tasks.build" in names and any(n.startswith("transformers.") for n in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert "tasks.build" in names  # our stage logs ("artifact written to ...")
     assert any(name.startswith("transformers.") for name in names), names
