@@ -189,6 +189,11 @@ def _quiet_console(debug: bool) -> None:
 
 
 def cmd_prepare(args) -> int:
+    import warnings
+
+    # PEFT calls a transformers 5 property deprecated in favour of is_activation_checkpointing;
+    # the warning is PEFT's to fix and tells a CLI user nothing.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     settings = settings_from_args(args)
     warm = _warm_prefect()
     from flows.prepare_model import prepare_model  # imports torch, transformers, peft
