@@ -159,3 +159,24 @@ def test_an_existing_artifact_directory_is_never_overwritten(tmp_path):
     with pytest.raises(InvalidInput):
         write_artifact(tmp_path, "taken", lambda tmp: {}, lambda m: "")
     assert not [p for p in tmp_path.iterdir() if p.name != "taken"]
+
+
+def test_load_back_on_different_hardware_replans_and_says_so(hub, hf_cache, tmp_path):
+    from tasks.artifact_load import load_adapter_ready
+
+    built, _, _ = _build("tiny/llama", hf_cache, tmp_path / "out", LoraSettings(r=2))
+    path = Path(built.artifact_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    # As if prepared on a one-GPU machine in bfloat16 (a test double for hardware this machine lacks).
+    manifest["hardware"]["cuda_available"] = True
+    manifest["hardware"]["cuda_devices"] = [{"index": 0, "name": "NVIDIA A100-SXM4-80GB", "capability": "8.0", "bf16": True,
+                                             "total_memory_bytes": 80 * 2**30, "free_memory_bytes": 79 * 2**30}]
+    manifest["load_plan"].update(dtype="bfloat16", device_map="cuda:0", target_device="cuda:0")
+    path.write_text(json.dumps(manifest))
+
+    ready = load_adapter_ready(built.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
+
+    assert ready.replanned
+    assert "re-planned" in ready.notes[0] and "bfloat16/cuda:0 -> float32/cpu" in ready.notes[0]
+    assert next(ready.model.parameters()).device.type == "cpu"
+    assert ready.summary()["dtype"] == "float32"

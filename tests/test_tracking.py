@@ -1,0 +1,79 @@
+"""Where MLflow runs go, and how a run is found again. Real SQLite stores; no Prefect here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.artifact import write_artifact
+from tasks.settings import TrackingSettings
+from tasks.tracking import log_artifact_run, resolve_tracking_uri
+
+
+def _artifact(parent: Path) -> Path:
+    def fill(tmp: Path) -> dict:
+        (tmp / "adapter").mkdir()
+        (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+        return {
+            "created_at": "2026-11-28T00:00:00+00:00",
+            "base_model": {"repo_id": "tiny/llama", "revision": "main", "commit_sha": "a" * 40, "files": [], "offline": False},
+            "load_plan": {"dtype": "float32", "device_map": "cpu", "reasons": {}},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init_lora_weights": True, "target_modules": ["model.layers.0.self_attn.q_proj"]},
+            "parameters": {"total": 100, "trainable": 10},
+            "tracking": {},
+        }
+
+    return write_artifact(parent, "art", fill, lambda m: "card\n")
+
+
+def test_tracking_uri_comes_from_the_parameter_then_the_environment_then_the_per_user_store(lora_home, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(TrackingSettings()) == f"sqlite:///{lora_home / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert resolve_tracking_uri(TrackingSettings()) == "http://mlflow.internal:5000"
+    assert resolve_tracking_uri(TrackingSettings(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_the_default_store_keeps_database_and_artifacts_in_the_per_user_directory_not_the_cwd(lora_home, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "somewhere-else"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    result = log_artifact_run(_artifact(tmp_path / "artifacts"), TrackingSettings(), {"prefect.flow_run_id": "f-1"}, {})
+
+    assert list(cwd.iterdir()) == []  # no ./mlruns, no ./mlflow.db
+    assert (lora_home / "mlflow.db").is_file()
+    logged = list((lora_home / "mlartifacts").rglob("adapter_model.safetensors"))
+    assert len(logged) == 1
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["commit_sha"] == "a" * 40
+
+
+def test_logging_the_same_flow_run_twice_reuses_its_run_and_records_it_in_the_manifest(tmp_path, mlflow_uri):
+    art = _artifact(tmp_path / "artifacts")
+    tags = {"prefect.flow_run_id": "flow-run-42"}
+
+    first = log_artifact_run(art, TrackingSettings(tracking_uri=mlflow_uri), tags, {})
+    second = log_artifact_run(art, TrackingSettings(tracking_uri=mlflow_uri), tags, {})
+
+    assert first.run_id == second.run_id
+    assert json.loads((art / "manifest.json").read_text())["tracking"]["mlflow_run_id"] == first.run_id
+
+
+def test_flow_parameters_are_validated_as_the_prefect_ui_form_would(prefect_harness):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.prepare_model import prepare_model
+
+    with pytest.raises(ParameterTypeError) as err:
+        prepare_model.validate_parameters({"model_id": "tiny/llama", "lora": {"r": 0, "dropout": 2}, "load": {"dtype": "int3"}})
+    text = str(err.value)
+    assert "r" in text and "dropout" in text and "dtype" in text
+    schema = prepare_model.parameters.model_dump()
+    lora = schema["definitions"]["LoraSettings"]["properties"]
+    assert lora["r"]["exclusiveMinimum"] == 0 and lora["r"]["description"]
