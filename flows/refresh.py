@@ -62,10 +62,12 @@ def find_prepared_run(tracking: TrackingSettings, model_id: str, commit_sha: str
         f"params.model_id = '{_quote(model_id)}' and params.commit_sha = '{_quote(commit_sha)}' "
         "and attributes.status = 'FINISHED'"
     )
-    runs = client.search_runs([experiment.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    runs = client.search_runs([experiment.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=50)
+    # Child runs (a trained adapter, flows/train_adapter.py) carry the same params but are not preparations.
+    prepared = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not prepared:
         return None
-    run = runs[0]
+    run = prepared[0]
     return ExistingRun(run_id=run.info.run_id, artifact_dir=run.data.tags.get("lora_prep.artifact_dir"))
 
 

@@ -59,11 +59,12 @@ def _flow_run_id(value: str) -> str:
     return value.rsplit(".", 1)[-1] if value.startswith("prefect.flow-run.") else value
 
 
-def find_prepared_by_flow_run(flow_run_id: str, tracking: TrackingSettings) -> Prepared:
+def find_prepared_by_flow_run(flow_run_id: str, tracking: TrackingSettings, *, ask_who_started_it: bool = False) -> Prepared:
     """The artifact a prepare flow run made, found through MLflow (tag prefect.flow_run_id), so it works on any machine.
 
     Prefect's own result storage would also hold it, but only where the run's
     result storage is shared; the MLflow server is shared by design.
+    ask_who_started_it: also ask Prefect whether a flow started that run (the trigger path).
     """
     from mlflow.tracking import MlflowClient
     from prefect import get_client
@@ -85,10 +86,13 @@ def find_prepared_by_flow_run(flow_run_id: str, tracking: TrackingSettings) -> P
     run = runs[0]
     local = run.data.tags.get("lora_prep.artifact_dir")
     ref = local if local and Path(local, "manifest.json").is_file() else f"runs:/{run.info.run_id}"
-    with get_client(sync_client=True) as prefect:
-        parent_task_run_id = prefect.read_flow_run(flow_run_id).parent_task_run_id
+    started_by_pipeline = False
+    if ask_who_started_it:
+        with get_client(sync_client=True) as prefect:
+            # run_deployment inside a flow links the new run to a task run of that flow.
+            started_by_pipeline = prefect.read_flow_run(flow_run_id).parent_task_run_id is not None
     return Prepared(ref=ref, mlflow_run_id=run.info.run_id, tracking_uri=uri, prefect_flow_run_id=flow_run_id,
-                    started_by_pipeline=parent_task_run_id is not None)
+                    started_by_pipeline=started_by_pipeline)
 
 
 def _retry_if_unreachable(task, task_run, state) -> bool:
@@ -113,7 +117,7 @@ def _prepare(model_id, revision, prepare, prepare_deployment, prepared_flow_run_
     """Stage 1 in its three forms; runs in the flow (a subflow call cannot live in a task)."""
     tracking: TrackingSettings = settings["tracking"]
     if prepared_flow_run_id:
-        return find_prepared(prepared_flow_run_id, tracking)
+        return find_prepared(prepared_flow_run_id, tracking, ask_who_started_it=True)
     if not model_id:
         raise InvalidInput("model_id is required unless prepared_flow_run_id names a finished prepare run; give a Hub id such as org/name.")
     if prepare == "subflow":
@@ -183,7 +187,9 @@ class TrainedAdapter(BaseModel):
     trainable_outside_adapter: list[str]  # parameters with requires_grad that are not LoRA: must be empty
     adapter_tensors: int
     adapter_tensors_changed: int
-    base_sha256_before: str | None  # hash of every non-adapter weight (None when verify_base is off)
+    # sha256 of every weight that is not LoRA (None when verify_base is off). With lora.bias other
+    # than "none" the biases train too and show in trainable_outside_adapter; the hash then changes.
+    base_sha256_before: str | None
     base_sha256_after: str | None
     seconds: float
 

@@ -1,0 +1,1 @@
+"""Prefect deployments of lora-prep: prefect.yaml (work pools), serve.py (one process), examples/ (GPU fleets)."""
