@@ -53,7 +53,7 @@ def common(hf_cache, mlflow_uri, tmp_path) -> list[str]:
     ids=["unknown-repo", "bad-revision", "gated-without-token", "pickle-only", "remote-code", "remote-code-unpinned",
          "does-not-fit", "invalid-lora", "unknown-target-module"],
 )
-def test_each_refusal_exits_2_with_one_line_that_names_the_fix(capsys, hub, common, tmp_path, argv, expected):
+def test_each_refusal_exits_2_with_one_line_that_names_the_fix(capsys, hub, common, mlflow_uri, tmp_path, argv, expected):
     code, out, err = _run(capsys, "prepare", *argv, *common)
 
     assert code == 2, err
@@ -62,6 +62,17 @@ def test_each_refusal_exits_2_with_one_line_that_names_the_fix(capsys, hub, comm
         assert fragment.lower() in line.lower(), line
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() or not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
+    _assert_no_mlflow_run_left_running(mlflow_uri)
+
+
+def _assert_no_mlflow_run_left_running(uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("lora-prep")
+    if experiment is not None:  # refusals before the run opens leave no run at all
+        runs = client.search_runs([experiment.experiment_id])
+        assert all(r.info.status == "FAILED" for r in runs), [r.info.status for r in runs]
 
 
 def test_an_unexpected_failure_exits_1(capsys, hub, common):
