@@ -229,7 +229,7 @@ def cmd_plan(args) -> int:
     from flows.dry_run import dry_run, format_dry_run
 
     report = dry_run(args.model_id, args.revision, settings["source"], settings["load"], settings["lora"])
-    print(json.dumps(report, indent=None if args.json else 2) if args.json else format_dry_run(report))
+    print(json.dumps(report) if args.json else format_dry_run(report))
     return EXIT_OK if report["fits"] else EXIT_INVALID
 
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INVALID
         code = getattr(exc, "exit_code", EXIT_FAILURE)
         prefix = "" if hasattr(exc, "exit_code") else f"{type(exc).__name__}: "
-        print(f"lora-prep: error: {prefix}{_one_line(exc)}" + ("" if debug else ""), file=sys.stderr)
+        print(f"lora-prep: error: {prefix}{_one_line(exc)}", file=sys.stderr)
         return code
 
 

@@ -44,7 +44,7 @@ def _meta_targets(facts, lora: LoraSettings) -> list[str] | str:
 def dry_run(model_id: str, revision: str, source: SourceSettings, load: LoadSettings, lora: LoraSettings) -> dict[str, Any]:
     from tasks.hardware import probe_hardware
     from tasks.hub import get_token, resolve_repo
-    from tasks.plan import ModelFacts, plan_load
+    from tasks.plan import plan_for_repo
 
     facts = resolve_repo(model_id, revision, source, token=get_token(source))
     profile = probe_hardware(source.cache_dir)
@@ -64,7 +64,7 @@ def dry_run(model_id: str, revision: str, source: SourceSettings, load: LoadSett
         "lora": lora.model_dump(mode="json"),
     }
     try:
-        plan = plan_load(profile, ModelFacts.from_repo_facts(facts), load, revision)
+        plan = plan_for_repo(profile, facts, load, revision)
     except DoesNotFit as exc:
         report.update(fits=False, refusal=str(exc))
         return report

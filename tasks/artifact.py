@@ -111,7 +111,7 @@ def model_card(manifest: dict) -> str:
     lora = manifest["lora"]
     params = manifest["parameters"]
     plan = manifest.get("load_plan", {})
-    targets = ", ".join(lora.get("target_modules_resolved_short") or sorted({t.rsplit(".", 1)[-1] for t in lora["target_modules"]}))
+    targets = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in lora["target_modules"]}))
     return f"""# LoRA-ready {base['repo_id']}
 
 Adapter-ready artifact made by lora-prep on {manifest['created_at']}.

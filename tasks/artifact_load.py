@@ -108,7 +108,7 @@ def load_adapter_ready(
     from tasks.hardware import probe_hardware
     from tasks.hub import get_token, resolve_repo
     from tasks.load import load_model, load_tokenizer
-    from tasks.plan import LoadPlan, ModelFacts, plan_load
+    from tasks.plan import LoadPlan, plan_for_repo
 
     artifact_dir = _local_dir(str(ref), tracking_uri)
     manifest = read_manifest(artifact_dir)
@@ -128,7 +128,7 @@ def load_adapter_ready(
         plan = LoadPlan.model_validate(recorded)
         replanned = False
     else:
-        plan = plan_load(profile, ModelFacts.from_repo_facts(facts), settings, base["commit_sha"])
+        plan = plan_for_repo(profile, facts, settings, base["commit_sha"])
         replanned = True
         notes.append(
             f"hardware differs from the machine that prepared the artifact: re-planned "
