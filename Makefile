@@ -29,7 +29,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_download.py
+	$(BIN)/python bench/bench_load_memory.py
+	$(BIN)/python bench/bench_prepare_memory.py
+	$(BIN)/python bench/bench_cli.py
 
 clean-venv:
 	rm -rf $(VENV)

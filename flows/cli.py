@@ -54,7 +54,7 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", help="all-linear | attention | mlp | comma-separated names | regex")
     g.add_argument("--exclude-modules", help="comma-separated module names")
     g.add_argument("--modules-to-save", help="comma-separated module names trained in full")
-    g.add_argument("--init-lora-weights", help="true | false | gaussian | pissa | pissa_niter_N | olora | orthogonal")
+    g.add_argument("--init-lora-weights", help="true | false | gaussian | pissa | olora | orthogonal")
     g.add_argument("--use-rslora", action="store_true", default=None)
     g.add_argument("--use-dora", action="store_true", default=None)
     g.add_argument("--bias", help="none | all | lora_only")
@@ -167,12 +167,14 @@ def _warm_prefect() -> threading.Thread | None:
     return thread
 
 
-class _ErrorsOnlyOnce(logging.Filter):
-    """Console only: Prefect's own ERROR records (with tracebacks) are dropped, because the CLI
-    ends with one line that states the error and the fix. The Prefect UI still gets them all."""
+class _OnlyWarnings(logging.Filter):
+    """Console only: of Prefect's own records keep the warnings. Its INFO lines (run started,
+    "Finished in state Failed(<the error again>)") and ERROR lines (tracebacks) would repeat what
+    the CLI says in its summary or its one error line. The Prefect UI still gets them all;
+    --debug shows them here too. Download progress bars are not log records and stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and record.name.startswith("prefect"))
+        return not record.name.startswith("prefect") or record.levelno == logging.WARNING
 
 
 def _quiet_console(debug: bool) -> None:
@@ -185,7 +187,7 @@ def _quiet_console(debug: bool) -> None:
         configuration.setup_logging()
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler):
-            handler.addFilter(_ErrorsOnlyOnce())
+            handler.addFilter(_OnlyWarnings())
 
 
 def cmd_prepare(args) -> int:
@@ -244,7 +246,10 @@ def cmd_probe(args) -> int:
 def cmd_load(args) -> int:
     from tasks.artifact_load import load_adapter_ready
 
-    loaded = load_adapter_ready(args.ref, trainable=args.trainable, tracking_uri=args.tracking_uri)
+    from tasks.settings import SourceSettings
+
+    source = SourceSettings(**_drop_none(dict(cache_dir=args.cache_dir, offline=args.offline or None, allow_pickle=args.allow_pickle or None)))
+    loaded = load_adapter_ready(args.ref, trainable=args.trainable, tracking_uri=args.tracking_uri, source=source, trust_remote_code=args.trust_remote_code)
     summary = loaded.summary()
     if args.json:
         print(json.dumps(summary))
@@ -299,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="artifact directory, runs:/<run id>[/artifact] or models:/<name>@<alias>")
     p.add_argument("--trainable", action="store_true", help="load the adapter trainable")
     p.add_argument("--tracking-uri")
+    p.add_argument("--cache-dir", help="Hugging Face cache directory for the base model")
+    p.add_argument("--offline", action="store_true", help="use only the local cache")
+    p.add_argument("--allow-pickle", action="store_true", help="the base has only pickle weights and you allow them")
+    p.add_argument("--trust-remote-code", action="store_true", help="the base runs its own code and you allow it")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_load)

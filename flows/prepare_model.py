@@ -64,7 +64,7 @@ def open_run(tracking: TrackingSettings, model_id: str, revision: str, commit_sh
 
 
 def _mark_run_failed(flow, run, state) -> None:
-    """on_failure / on_crashed hook: no MLflow run is left RUNNING."""
+    """on_failure / on_crashed / on_cancellation hook: no MLflow run is left RUNNING."""
     tracking = TrackingSettings.model_validate(run.parameters.get("tracking") or {})
     fail_run(tracking, str(run.id))
 
@@ -77,6 +77,7 @@ def _mark_run_failed(flow, run, state) -> None:
     timeout_seconds=12 * 3600,
     on_failure=[_mark_run_failed],
     on_crashed=[_mark_run_failed],
+    on_cancellation=[_mark_run_failed],
 )
 def prepare_model(
     model_id: str,
@@ -95,6 +96,15 @@ def prepare_model(
     4. download  the selected files at the sha into the HF cache, verified (cached task, retried)
     5. build     load the model, wrap it with LoRA, write the artifact directory (one task; tag gpu)
     6. track     log the artifact to MLflow, register it if asked (retried)
+
+    Args:
+        model_id: Hugging Face Hub model id, e.g. Qwen/Qwen2.5-0.5B.
+        revision: Branch, tag or full 40-hex commit sha; resolved to a commit sha before anything is fetched.
+        source: Where the files come from: cache directory, offline, pickle and token settings.
+        load: How the base model is loaded: dtype, attention, placement, quantization, memory budget.
+        lora: The LoRA adapter: rank, alpha, dropout, target modules, initialisation, seed.
+        tracking: MLflow tracking URI, experiment, and optional Model Registry name and alias.
+        output: Where the artifact directory is written.
     """
     clock = StageClock()
     with library_logs_to_prefect():

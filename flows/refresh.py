@@ -98,6 +98,7 @@ find_prepared = task(
     retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
     retry_condition_fn=_retry_if_unreachable,
     cache_policy=NO_CACHE,  # the answer changes whenever a prepare run finishes
+    timeout_seconds=300,
 )(find_prepared_run)
 
 

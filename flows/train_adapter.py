@@ -109,7 +109,7 @@ def _retry_if_unreachable(task, task_run, state) -> bool:
 
 find_prepared = task(
     name="find-prepared-artifact", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_if_unreachable, cache_policy=NO_CACHE,
+    retry_condition_fn=_retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=300,
 )(find_prepared_by_flow_run)
 
 
@@ -336,8 +336,12 @@ def log_trained(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingS
     if run_id is None:
         raise TrackingUnavailable(f"MLflow at {prepared.tracking_uri} is unreachable; the trained artifact is kept at {trained.artifact_dir}.")
     stamp = int(time.time() * 1000)
-    # One point per optimizer step: MLflow draws the curve from the step index.
-    client.log_batch(run_id, metrics=[Metric("loss", loss, stamp, step) for step, loss in enumerate(trained.losses)])
+    try:
+        # One point per optimizer step: MLflow draws the curve from the step index.
+        client.log_batch(run_id, metrics=[Metric("loss", loss, stamp, step) for step, loss in enumerate(trained.losses)])
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")  # never left RUNNING; a task retry finds it by its tags again
+        raise
     stats = {"eval_loss_before": trained.eval_loss_before, "eval_loss_after": trained.eval_loss_after, "final_loss": trained.losses[-1],
              "seconds.train": trained.seconds}
     return log_artifact_run(Path(trained.artifact_dir), settings, tags, stats).run_id
@@ -345,7 +349,7 @@ def log_trained(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingS
 
 track_trained = task(
     name="track-trained-adapter", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_if_unreachable, cache_policy=NO_CACHE,
+    retry_condition_fn=_retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=3600,
 )(log_trained)
 
 # tag "gpu": the same tag concurrency limit as the prepare flow's build task (one model per GPU slot).

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifact import read_manifest
-from tasks.errors import IntegrityError, InvalidInput
+from tasks.errors import IntegrityError, InvalidInput, RemoteCodeRefused
 from tasks.settings import LoadSettings, SourceSettings
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def load_adapter_ready(
     trainable: bool = False,
     tracking_uri: str | None = None,
     source: SourceSettings | None = None,
+    trust_remote_code: bool = False,
 ) -> AdapterReady:
     from peft import PeftModel
 
@@ -123,6 +124,13 @@ def load_adapter_ready(
     notes: list[str] = []
     profile = probe_hardware(source.cache_dir)
     settings = LoadSettings.model_validate(manifest.get("load_settings") or {})
+    if settings.trust_remote_code and not trust_remote_code:
+        # An artifact (possibly fetched from a shared MLflow) must not switch remote code on by itself.
+        raise RemoteCodeRefused(
+            f"{base['repo_id']}@{base['commit_sha'][:12]} runs the repo's own code: read it, then pass "
+            "trust_remote_code=True (lora-prep load --trust-remote-code).",
+            repo_id=base["repo_id"],
+        )
     recorded = {k: v for k, v in manifest["load_plan"].items() if k != "used"}
     if _hardware_key(profile.model_dump(mode="json")) == _hardware_key(manifest.get("hardware") or {}):
         plan = LoadPlan.model_validate(recorded)

@@ -72,7 +72,9 @@ def build_adapter_ready(
             "created_at": utc_now(),
             "base_model": {
                 "repo_id": snapshot.repo_id,
-                "revision": snapshot.revision,
+                # facts, not snapshot: a download-cache hit replays the record of another
+                # revision name (branch, tag, sha) of the same commit.
+                "revision": facts.revision,
                 "commit_sha": snapshot.commit_sha,
                 "files": [f.model_dump() for f in snapshot.files],
                 "offline": snapshot.offline,

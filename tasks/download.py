@@ -394,6 +394,7 @@ class SnapshotOnDisk(CachePolicy):
     retry_condition_fn=retry_if_transient,
     cache_policy=SnapshotOnDisk(),
     persist_result=True,  # the small Snapshot record only, never file contents
+    timeout_seconds=12 * 3600,  # a 140 GB model at 30 MB/s takes 1.3 h; a stuck transfer still ends
 )
 def download(facts: RepoFacts, source: SourceSettings = SourceSettings()) -> Snapshot:
     """download_snapshot with the token looked up here, so it is never a recorded task parameter."""

@@ -222,7 +222,7 @@ def probe_hardware(cache_dir: str | None = None) -> HardwareProfile:
 
 # No cache: the profile must describe the machine now. No retries: a probe
 # failure is a broken install, not something waiting fixes.
-probe = task(name="probe", cache_policy=NO_CACHE, retries=0)(probe_hardware)
+probe = task(name="probe", cache_policy=NO_CACHE, retries=0, timeout_seconds=120)(probe_hardware)
 
 
 # --- the human view (`lora-prep probe`) --------------------------------------

@@ -609,6 +609,7 @@ def _last_attempt() -> bool:
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,  # a branch can move: always ask the Hub
+    timeout_seconds=600,  # metadata and ~100 KB header reads per weight file
 )
 def resolve(repo_id: str, revision: str = "main", source: SourceSettings = SourceSettings()) -> RepoFacts:
     """resolve_repo with the token looked up here, so it is never a recorded task parameter."""

@@ -375,9 +375,9 @@ def wrap_lora(model, lora: LoraSettings) -> tuple[Any, LoraReport]:
         )
     if isinstance(lora.init_lora_weights, str) and lora.init_lora_weights.startswith(("pissa", "olora")):
         notes.append(
-            f"init_lora_weights={lora.init_lora_weights} rewrites the base weights (residual W - BA): the adapter only "
-            "reproduces the model on that residual base; save with path_initial_model_for_weight_conversion to get a "
-            "plain LoRA for the original base."
+            f"init_lora_weights={lora.init_lora_weights} rewrites the base weights (residual W - BA): PEFT redoes that "
+            "(deterministic) step when the adapter is loaded, as load_adapter_ready does; a loader that attaches the "
+            "adapter to the untouched base gets another model."
         )
     for note in notes:
         log.warning("%s", note)

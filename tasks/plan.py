@@ -516,4 +516,4 @@ def plan_for_repo(
 
 
 # No cache: a plan is cheap and must follow the profile measured now. No retries: a refusal is final.
-plan_task = task(name="plan", cache_policy=NO_CACHE, retries=0)(plan_for_repo)
+plan_task = task(name="plan", cache_policy=NO_CACHE, retries=0, timeout_seconds=120)(plan_for_repo)

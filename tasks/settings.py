@@ -125,7 +125,7 @@ class LoraSettings(_Settings):
     use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
     init_lora_weights: Union[bool, str] = Field(
         default=True,
-        description="true (Kaiming A, zero B) | false | gaussian | pissa | pissa_niter_N | olora | orthogonal: the PEFT initialisations that need no training data.",
+        description="true (Kaiming A, zero B) | false | gaussian | pissa | olora | orthogonal: the PEFT initialisations that need no training data and load back exactly.",
     )
     rank_pattern: dict[str, int] | None = Field(default=None, description="Per-module rank overrides: {regex: r}.")
     alpha_pattern: dict[str, float] | None = Field(default=None, description="Per-module alpha overrides: {regex: alpha}.")
@@ -136,11 +136,13 @@ class LoraSettings(_Settings):
     def _check_init(cls, value):
         if isinstance(value, bool):
             return value
-        if value in _DATA_FREE_INITS or re.match(r"^pissa_niter_\d+$", value):
+        if value in _DATA_FREE_INITS:
             return value
-        raise ValueError(
-            f"init_lora_weights must be true, false, {', '.join(_DATA_FREE_INITS)} or pissa_niter_N, got {value!r}."
-        )
+        if re.match(r"^pissa_niter_\d+$", value):
+            # PEFT redoes the initialisation when an adapter is loaded; the randomized SVD of
+            # pissa_niter_N then draws other vectors, so the artifact would not load back to the same model.
+            raise ValueError(f"init_lora_weights={value!r} is not reproducible at load time (randomized SVD); use pissa.")
+        raise ValueError(f"init_lora_weights must be true, false or one of {', '.join(_DATA_FREE_INITS)}, got {value!r}.")
 
     @field_validator("target_modules")
     @classmethod

@@ -126,6 +126,8 @@ def start_run(settings: TrackingSettings, tags: dict[str, str], params: dict[str
 def fail_run(settings: TrackingSettings, flow_run_id: str) -> None:
     """End the run of a failed flow as FAILED so that no run is left RUNNING."""
     uri = resolve_tracking_uri(settings)
+    if uri.startswith("sqlite:///") and not Path(urllib.parse.urlparse(uri).path).exists():
+        return  # the flow failed before any run was opened: do not create a store for nothing
     try:
         client = _client(uri)
         experiment = client.get_experiment_by_name(settings.experiment)

@@ -149,4 +149,5 @@ def test_a_refusal_in_a_real_terminal_is_one_error_line_without_traceback(prefec
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "--allow-pickle" in _error_line(done.stderr)
+    assert done.stderr.count("--allow-pickle") == 1, done.stderr  # said once, not again by Prefect's logs
     assert done.stdout == ""

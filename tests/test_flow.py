@@ -199,3 +199,48 @@ def test_library_and_stage_logs_reach_the_prefect_run_logs(hub, hf_cache, mlflow
         time.sleep(0.5)
     assert "tasks.build" in names  # our stage logs ("artifact written to ...")
     assert any(name.startswith("transformers.") for name in names), names
+
+
+def test_one_commit_prepared_under_several_revision_names_records_each_name_as_requested(hub, hf_cache, mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sha = hub.repos["tiny/gpt2"].sha
+    # Twice by branch (the second run stores the download task's cache record), then by sha:
+    # the third run is a cache hit on a record made under the name "main".
+    for revision in ("main", "main", sha):
+        result = _prepare("tiny/gpt2", hf_cache, mlflow_uri, tmp_path / "out", revision=revision)
+        manifest = json.loads((Path(result.artifact_dir) / "manifest.json").read_text())
+        assert manifest["base_model"]["revision"] == revision and manifest["base_model"]["commit_sha"] == sha
+        assert MlflowClient(mlflow_uri).get_run(result.mlflow_run_id).data.params["revision"] == revision
+    assert result.from_cache and result.bytes_downloaded == 0
+
+
+def test_a_gated_model_prepared_with_a_token_records_the_token_nowhere(hub, hf_cache, hub_token, mlflow_uri, tmp_path, monkeypatch):
+    import asyncio
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.prepare_model import prepare_model
+
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    state = _prepare("tiny/gated", hf_cache, mlflow_uri, tmp_path / "out", flow=prepare_model, return_state=True)
+    result = state.result()
+
+    async def read_run_and_logs():
+        async with get_client() as client:
+            run = await client.read_flow_run(state.state_details.flow_run_id)
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            return run, logs
+
+    run, logs = asyncio.run(read_run_and_logs())
+    mlflow_run = MlflowClient(mlflow_uri).get_run(result.mlflow_run_id)
+    art = Path(result.artifact_dir)
+    recorded = [
+        result.model_dump_json(), json.dumps(run.parameters), *(log.message for log in logs),
+        json.dumps(mlflow_run.data.params), json.dumps(mlflow_run.data.tags),
+        *(p.read_text(errors="replace") for p in art.rglob("*") if p.is_file() and p.suffix in (".json", ".md", ".txt", "")),
+    ]
+    assert result.commit_sha == hub.repos["tiny/gated"].sha
+    assert not [text for text in recorded if hub_token in text]

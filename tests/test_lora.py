@@ -87,9 +87,14 @@ def test_orthogonal_init_needs_even_ranks():
     assert LoraSettings(r=4, init_lora_weights="orthogonal").r == 4
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian", "pissa", "pissa_niter_4", "olora", "orthogonal"])
+@pytest.mark.parametrize("init", [True, False, "gaussian", "pissa", "olora", "orthogonal"])
 def test_data_free_initialisations_are_accepted(init):
     assert LoraSettings(init_lora_weights=init).init_lora_weights == init
+
+
+def test_pissa_with_a_randomized_svd_is_refused_because_it_would_not_load_back_the_same():
+    with pytest.raises(ValidationError, match="not reproducible"):
+        LoraSettings(init_lora_weights="pissa_niter_4")
 
 
 # --- target resolution ------------------------------------------------------------------------
