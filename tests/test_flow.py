@@ -140,14 +140,29 @@ def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlfl
 def test_mlflow_unreachable_keeps_the_artifact_and_says_how_to_log_it_later(hub, hf_cache, tmp_path):
     from tasks.errors import TrackingUnavailable
 
-    dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    with pytest.raises(TrackingUnavailable) as err:
-        _prepare("tiny/llama", hf_cache, dead, tmp_path / "out")
+    import asyncio
 
-    message = str(err.value)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    state = _prepare("tiny/llama", hf_cache, dead, tmp_path / "out", return_state=True)
+
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, TrackingUnavailable)
+    message = str(error)
     kept = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
     assert len(kept) == 1 and (kept[0] / "manifest.json").is_file() and (kept[0] / "adapter").is_dir()
     assert str(kept[0]) in message and f"lora-prep log {kept[0]}" in message
+
+    async def task_runs():
+        async with get_client() as client:
+            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=flow_filter)
+
+    track = [t for t in asyncio.run(task_runs()) if t.name.startswith("track-mlflow")]
+    assert [t.run_count for t in track] == [3]  # the first try and its 2 retries, then the error
 
 
 def test_a_model_too_big_for_max_memory_is_refused_before_any_weights_are_downloaded(hub, hf_cache, mlflow_uri, tmp_path):
