@@ -151,3 +151,20 @@ def test_a_refusal_in_a_real_terminal_is_one_error_line_without_traceback(prefec
     assert "--allow-pickle" in _error_line(done.stderr)
     assert done.stderr.count("--allow-pickle") == 1, done.stderr  # said once, not again by Prefect's logs
     assert done.stdout == ""
+
+
+def test_make_prepare_runs_the_flow_and_leaves_the_artifact_and_mlflow_store_in_the_per_user_directory(prefect_harness, hub, hf_cache, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    home = tmp_path / "home"
+    venv = Path(sys.prefix)  # the suite's own environment: `make` finds it set up and skips the install
+    env = {**_cli_env(prefect_harness, hf_cache), "HOME": str(home), "XDG_DATA_HOME": str(home / ".local" / "share")}
+    env.pop("LORA_PREP_HOME", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(["make", "-s", "prepare", "MODEL=tiny/llama", f"VENV={venv}"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = home / ".local" / "share" / "lora-prep"
+    artifacts = [p for p in (data / "artifacts").iterdir() if not p.name.startswith(".")]
+    assert len(artifacts) == 1 and artifacts[0].name.startswith("tiny--llama--")
+    assert (artifacts[0] / "manifest.json").is_file() and (data / "mlflow.db").is_file()
+    assert f"artifact   {artifacts[0]}" in done.stdout

@@ -18,7 +18,7 @@ import pytest
 from prefect import flow
 
 from tasks.download import Snapshot, download
-from tasks.errors import GatedRepo, InvalidInput, RepoNotFound
+from tasks.errors import GatedRepo, InvalidInput, RepoNotFound, RevisionNotFound
 from tasks.hub import RepoFacts, get_token, resolve, resolve_repo
 from tasks.settings import SourceSettings
 
@@ -102,6 +102,9 @@ def test_permanent_errors_are_not_retried(prefect_harness, hub, hf_cache):
     with pytest.raises(GatedRepo, match="accept the terms"):
         resolve_flow("tiny/gated", "main", _source(hf_cache))
     assert hub.requests("/tiny/gated/resolve/*") == 1
+    with pytest.raises(RevisionNotFound):
+        resolve_flow("tiny/llama", "no-such-branch", _source(hf_cache))
+    assert hub.requests("/api/models/tiny/llama/revision/no-such-branch*") == 1
 
 
 def test_resolve_falls_back_to_the_cache_only_after_its_retries(prefect_harness, hub, hf_cache):
