@@ -62,7 +62,6 @@ def main() -> None:
     server = HubServer(work / "store").start()
     build_test_repos(server.store)
     lora_prep = str(Path(sys.executable).with_name("lora-prep"))
-    prefect_bin = str(Path(sys.executable).with_name("prefect"))
 
     def env(i: int, **extra) -> dict:
         run = work / f"run{i}"
@@ -78,24 +77,14 @@ def main() -> None:
         results["bare"].append(timed([sys.executable, "-c", BARE, str(work / f"bare{n}")], env(n))[0]); n += 1
         results["cli"].append(timed([lora_prep, "prepare", "tiny/llama"], env(n))[0]); n += 1
 
-    port = 4300 + os.getpid() % 500
-    api = subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env(999),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import httpx
+    from tests.servers import start_prefect_server
 
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    api = start_prefect_server(work / "api")
+    try:
         for _ in range(args.runs):
-            results["cli-api"].append(timed([lora_prep, "prepare", "tiny/llama"], env(n, PREFECT_API_URL=f"http://127.0.0.1:{port}/api"))[0]); n += 1
+            results["cli-api"].append(timed([lora_prep, "prepare", "tiny/llama"], env(n, PREFECT_API_URL=api.url))[0]); n += 1
     finally:
-        api.terminate()
-        api.wait(timeout=30)
+        api.stop()
 
     started = time.perf_counter()
     procs = [subprocess.Popen([lora_prep, "prepare", "tiny/llama"], env=env(n + i), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,24 +51,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lora-prep-bench-mem-"))
     server = HubServer(work / "store").start()
     publish(server.store, "bench/llama", args.model_dir)
-    port = 4800 + os.getpid() % 400
+    from tests.servers import start_prefect_server
+
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
     base_env.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", PREFECT_HOME=str(work / "prefect"), LORA_PREP_HOME=str(work / "home"))
-    api = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                           env=base_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = start_prefect_server(work / "api")
     try:
-        import httpx
-
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         bare, prepare = [], []
         for i in range(args.runs):
-            env = {**base_env, "HF_HUB_CACHE": str(work / f"hf{i}"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+            env = {**base_env, "HF_HUB_CACHE": str(work / f"hf{i}"), "PREFECT_API_URL": api.url}
             prepare.append(peak([str(Path(sys.executable).with_name("lora-prep")), "prepare", "bench/llama"], env))
             snapshot = next((work / f"hf{i}" / "models--bench--llama" / "snapshots").iterdir())
             bare.append(peak([sys.executable, "-c",
@@ -77,8 +67,7 @@ def main() -> None:
                               "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, device_map='cpu', attn_implementation='sdpa')",
                               str(snapshot)], env))
     finally:
-        api.terminate()
-        api.wait(timeout=30)
+        api.stop()
         server.stop()
     b, p = statistics.median(bare), statistics.median(prepare)
     print(f"bare from_pretrained peak RSS  {b / MiB:8.0f} MiB   runs {[round(x / MiB) for x in bare]}")
