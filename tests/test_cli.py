@@ -168,3 +168,29 @@ def test_make_prepare_runs_the_flow_and_leaves_the_artifact_and_mlflow_store_in_
     assert len(artifacts) == 1 and artifacts[0].name.startswith("tiny--llama--")
     assert (artifacts[0] / "manifest.json").is_file() and (data / "mlflow.db").is_file()
     assert f"artifact   {artifacts[0]}" in done.stdout
+
+
+def test_two_prepare_processes_at_once_both_succeed_and_fetch_the_weights_once(prefect_harness, hub, hf_cache, mlflow_uri, tmp_path):
+    lora_prep = Path(sys.executable).with_name("lora-prep")
+    env = _cli_env(prefect_harness, hf_cache)
+    # Slow the weight transfer so that the two runs overlap on it (huggingface_hub's file lock decides who fetches).
+    hub.delay(1.0, "*/tiny/phi3/resolve/*/model.safetensors", methods=("GET",))
+    procs = [
+        subprocess.Popen([lora_prep, "prepare", "tiny/phi3", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / f"out{i}"), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = [json.loads(out) for out, _ in outputs]
+    assert results[0]["commit_sha"] == results[1]["commit_sha"] == hub.repos["tiny/phi3"].sha
+    weights = hub.store / "tiny" / "phi3" / "commits" / hub.repos["tiny/phi3"].sha / "model.safetensors"
+    whole_file_reads = [r for r in hub.records("*/tiny/phi3/resolve/*/model.safetensors", "GET") if not r.range]
+    assert sum(r.body_bytes for r in whole_file_reads) == weights.stat().st_size
