@@ -56,9 +56,11 @@ def test_prepare_records_one_finished_mlflow_run_with_params_metrics_tags_and_ad
     assert metrics["trainable_params"] == result.trainable_params > 0
     assert metrics["total_params"] == result.total_params
     assert metrics["bytes_downloaded"] == result.bytes_downloaded
-    assert {"seconds.download", "seconds.build", "peak_rss_bytes"} <= set(metrics)
+    assert {"seconds.resolve", "seconds.download", "seconds.build", "seconds.track", "peak_rss_bytes"} <= set(metrics)
     manifest = json.loads((Path(result.artifact_dir) / "manifest.json").read_text())
     assert run.data.tags["prefect.flow_run_id"] == manifest["tracking"]["prefect_flow_run_id"]
+    assert run.data.tags["prefect.flow_run_name"] == "prepare-tiny/llama@main"
+    assert run.data.tags["prefect.flow_name"] == "prepare-model"
     assert manifest["tracking"]["mlflow_run_id"] == result.mlflow_run_id
 
     logged = _artifact_files(client, result.mlflow_run_id)
