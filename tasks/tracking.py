@@ -64,9 +64,19 @@ def _sqlite_artifact_root(uri: str) -> str | None:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if uri.startswith("sqlite:///"):
-        Path(urllib.parse.urlparse(uri).path).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        # MLflow creates and migrates a SQLite store on first use; two processes doing that
+        # at once (two `lora-prep prepare` on a new per-user store) collide ("duplicate column
+        # name"). A file lock beside the database makes the first use one process at a time.
+        from filelock import FileLock
+
+        db = Path(urllib.parse.urlparse(uri).path)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(db) + ".init.lock", timeout=300):
+            client.search_experiments(max_results=1)  # tracking store: tables created or migrated
+            client.search_registered_models(max_results=1)  # registry store, likewise
+    return client
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
