@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from flows.prepare_model import prepare_model
 from tasks.hub import resolve
 from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from tasks.tracking import resolve_tracking_uri
+from tasks.tracking import retry_if_unreachable, resolve_tracking_uri
 
 
 class RefreshResult(BaseModel):
@@ -81,22 +81,11 @@ def _quote(value: str) -> str:
     return value
 
 
-def _retry_if_unreachable(task, task_run, state) -> bool:
-    """A plain function (Prefect silently never retries with a partial or callable object): retry only transport errors."""
-    from tasks.tracking import _is_connection_problem
-
-    try:
-        state.result()
-    except Exception as exc:  # the task's own exception, re-raised by result()
-        return _is_connection_problem(exc)
-    return False
-
-
 find_prepared = task(
     name="find-prepared-run",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
-    retry_condition_fn=_retry_if_unreachable,
+    retry_condition_fn=retry_if_unreachable,
     cache_policy=NO_CACHE,  # the answer changes whenever a prepare run finishes
     timeout_seconds=300,
 )(find_prepared_run)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.prepare_model import _prefect_tags, prepare_model
 from tasks.errors import InvalidInput, LoraPrepError, TrackingUnavailable
 from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from tasks.tracking import FLOW_RUN_TAG, log_artifact_run, resolve_tracking_uri, start_run
+from tasks.tracking import retry_if_unreachable, FLOW_RUN_TAG, log_artifact_run, resolve_tracking_uri, start_run
 
 PREPARE_DEPLOYMENT = "prepare-model/prepare-on-demand"
 PREPARE_TIMEOUT_S = 12 * 3600  # the prepare flow's own timeout
@@ -95,21 +95,9 @@ def find_prepared_by_flow_run(flow_run_id: str, tracking: TrackingSettings, *, a
                     started_by_pipeline=started_by_pipeline)
 
 
-def _retry_if_unreachable(task, task_run, state) -> bool:
-    """A plain function (Prefect silently never retries with a partial or callable object): transport errors only."""
-    from tasks.errors import is_transient
-    from tasks.tracking import _is_connection_problem
-
-    try:
-        state.result()
-    except Exception as exc:  # the task's own exception, re-raised by result()
-        return is_transient(exc) or _is_connection_problem(exc)
-    return False
-
-
 find_prepared = task(
     name="find-prepared-artifact", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=300,
+    retry_condition_fn=retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=300,
 )(find_prepared_by_flow_run)
 
 
@@ -349,7 +337,7 @@ def log_trained(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingS
 
 track_trained = task(
     name="track-trained-adapter", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=3600,
+    retry_condition_fn=retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=3600,
 )(log_trained)
 
 # tag "gpu": the same tag concurrency limit as the prepare flow's build task (one model per GPU slot).

@@ -98,3 +98,13 @@ class TrackingUnavailable(TransientError):
 def is_transient(exc: BaseException) -> bool:
     """True when retrying could help. Used by Prefect ``retry_condition_fn``s."""
     return isinstance(exc, LoraPrepError) and exc.transient
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn. A plain ``def`` on purpose: Prefect silently never retries
+    when given a functools.partial or a callable object (PITFALLS)."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the failed run's exception is what we classify
+        return is_transient(exc)
+    return False

@@ -72,7 +72,7 @@ from tasks.errors import (
     PickleRefused,
     RepoNotFound,
     RevisionNotFound,
-    is_transient,
+    retry_if_transient,
 )
 from tasks.settings import SourceSettings, is_full_sha
 
@@ -285,16 +285,6 @@ def hub_errors(repo_id: str, revision: str, path: str | None = None) -> Iterator
         ) from exc
     except HFValidationError as exc:
         raise InvalidInput(f"repo_id {repo_id!r} or revision {revision!r} is not valid on the Hub: use 'org/name'.") from exc
-
-
-def retry_if_transient(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn. A plain ``def`` on purpose: Prefect silently never retries
-    when given a functools.partial or a callable object (PITFALLS)."""
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - the failed run's exception is what we classify
-        return is_transient(exc)
-    return False
 
 
 # --- file selection (pure) ----------------------------------------------------------------

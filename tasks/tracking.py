@@ -326,14 +326,15 @@ def download_reference(ref: str, dst: Path, tracking_uri: str | None = None) -> 
     return Path(local)
 
 
-def _retry_if_transient(task, task_run, state) -> bool:
-    """A plain function, as Prefect requires (a partial or callable object silently never retries)."""
+def retry_if_unreachable(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn for MLflow calls (a plain def, see retry_if_transient):
+    our transient errors and MLflow's own transport failures."""
     from tasks.errors import is_transient
 
     try:
         state.result()
     except Exception as exc:  # the task's own exception, re-raised by result()
-        return is_transient(exc)
+        return is_transient(exc) or _is_connection_problem(exc)
     return False
 
 
@@ -346,12 +347,14 @@ def _make_track_task():
     from prefect.cache_policies import NO_CACHE
     from prefect.tasks import exponential_backoff
 
+    from tasks.errors import retry_if_transient
+
     return task(
         name="track-mlflow",
         retries=2,
         retry_delay_seconds=exponential_backoff(backoff_factor=3),  # 3 s, 6 s
         retry_jitter_factor=0.5,
-        retry_condition_fn=_retry_if_transient,
+        retry_condition_fn=retry_if_transient,
         cache_policy=NO_CACHE,
         timeout_seconds=3600,
     )(_track)
