@@ -47,25 +47,9 @@ def peak_rss() -> int:
 
 def _model_facts(model_dir: Path):
     """ModelFacts as the resolve stage builds them: config.json plus counts from safetensors headers."""
-    import struct
+    from tasks.model_facts import ModelFacts
 
-    from tasks.plan import ModelFacts
-
-    per_dtype: dict[str, int] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    for f in files:
-        with f.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))  # u64 little-endian header size, then JSON
-            header = json.loads(fh.read(length))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                n = 1
-                for dim in entry["shape"]:
-                    n *= dim
-                per_dtype[entry["dtype"]] = per_dtype.get(entry["dtype"], 0) + n
-    config = json.loads((model_dir / "config.json").read_text())
-    weight_bytes = sum(f.stat().st_size for f in files)
-    return ModelFacts.from_config("bench/llama", "0" * 40, config, sum(per_dtype.values()), per_dtype, weight_bytes)
+    return ModelFacts.from_local_dir(model_dir, "bench/llama", "0" * 40)
 
 
 def child(mode: str, dtype: str, model_dir: Path) -> dict:

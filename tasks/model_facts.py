@@ -8,6 +8,7 @@ without instantiating anything, so ``plan_load`` itself needs no transformers.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -127,3 +128,22 @@ class ModelFacts(_Record):
             facts.repo_id, facts.commit_sha, facts.config or {}, facts.param_count, facts.stored_dtypes,
             facts.weight_bytes, **kwargs,
         )  # fmt: skip
+
+    @classmethod
+    def from_local_dir(cls, model_dir: Path, repo_id: str, commit_sha: str) -> "ModelFacts":
+        """From a model directory on disk (benchmarks, tests): config.json plus the safetensors headers,
+        read with huggingface_hub's own parser as tasks/hub.py does for cached files. A pickle-only
+        directory has no headers: the parameter count is then estimated from the weight bytes."""
+        import json
+
+        from huggingface_hub.hf_api import parse_local_safetensors_file_metadata
+
+        model_dir = Path(model_dir)
+        files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+        per_dtype: dict[str, int] = {}
+        for f in model_dir.glob("*.safetensors"):
+            for dtype, n in parse_local_safetensors_file_metadata(f).parameter_count.items():
+                per_dtype[dtype] = per_dtype.get(dtype, 0) + n
+        config = json.loads((model_dir / "config.json").read_text())
+        weight_bytes = sum(f.stat().st_size for f in files)
+        return cls.from_config(repo_id, commit_sha, config, sum(per_dtype.values()) or None, per_dtype, weight_bytes)

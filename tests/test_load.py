@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
@@ -62,22 +61,7 @@ def profile(tmp_path_factory):
 
 def model_facts(model_dir: Path) -> ModelFacts:
     """ModelFacts as the resolve stage builds them: config.json plus parameter counts from safetensors headers."""
-    per_dtype: dict[str, int] = {}
-    weight_files = list(model_dir.glob("*.safetensors")) or list(model_dir.glob("pytorch_model*.bin"))
-    for f in model_dir.glob("*.safetensors"):
-        with f.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))  # safetensors: u64 little-endian header size, then JSON
-            header = json.loads(fh.read(length))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                n = 1
-                for dim in entry["shape"]:
-                    n *= dim
-                per_dtype[entry["dtype"]] = per_dtype.get(entry["dtype"], 0) + n
-    config = json.loads((model_dir / "config.json").read_text())
-    weight_bytes = sum(f.stat().st_size for f in weight_files)
-    params = sum(per_dtype.values()) or None  # pickle-only: the planner estimates from bytes
-    return ModelFacts.from_config(f"tiny/{model_dir.name}", SHA, config, params, per_dtype, weight_bytes)
+    return ModelFacts.from_local_dir(model_dir, f"tiny/{model_dir.name}", SHA)
 
 
 def plan_for(profile, model_dir: Path, settings: LoadSettings = LoadSettings(), revision: str = "main"):
