@@ -13,6 +13,26 @@ Architectures differ where LoRA target resolution differs:
     gpt_neox  fused query_key_value, dense_h_to_4h/dense_4h_to_h; config uses the legacy
               "torch_dtype" key (older Hub repos) instead of transformers 5's "dtype"
 
+EXTRA_ARCHS, transformers 5's mixture-of-experts and state-space models. Fused experts are 3-D
+nn.Parameters, not nn.Linear: target_modules never wraps them, only target_parameters reaches
+them (see expert_params). In the checkpoint save_pretrained writes them back per expert, as Hub
+repos hold them (except gpt_oss); loading fuses them again.
+
+    qwen3_moe    mlp.experts.gate_up_proj (E, 2*I, H) / down_proj (E, H, I); router mlp.gate, a plain Module
+    mixtral      the same fused layout; on disk block_sparse_moe.experts.N.w1/w2/w3 and block_sparse_moe.gate
+    granitemoe   fused block_sparse_moe.experts; router block_sparse_moe.router
+    gpt_oss      fused experts transposed, x @ W: gate_up_proj (E, H, 2*I) gate/up interleaved, down_proj
+                 (E, I, H), plus *_bias; biased q/k/v/o_proj; attention sinks; router mlp.router
+    phimoe       router mlp.router subclasses nn.Linear but returns a tuple: "all-linear" wraps it and the
+                 forward pass breaks
+    deepseek_v3  MLA attention q_a_proj/q_b_proj/kv_a_proj_with_mqa/kv_b_proj; layer 0 dense MLP
+                 (gate/up/down_proj), layer 1 MoE: fused experts, router mlp.gate, shared_experts MLP
+    mamba        no attention: mixer.in_proj/x_proj/dt_proj/out_proj + conv1d; PEFT refuses LoRA on
+                 out_proj and conv1d for this model_type, so "all-linear" fails
+    mamba2       mixer.in_proj/out_proj + conv1d; the same PEFT refusal
+    jamba        layer 0 mamba mixer + dense MLP, layer 1 attention + MoE (router feed_forward.router);
+                 PEFT does not refuse jamba's mamba.out_proj
+
 ``build_test_repos(store)`` publishes the standard repos (names below are
 fixed; other tests refer to them) with ``tests.hubserver.publish``.
 """
@@ -29,6 +49,12 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "gpt2", "phi3", "gpt_neox")
+# Kept out of ARCHS: tests parametrize over ARCHS with per-arch tables (dtype, linear layers)
+# that these would not be in.
+MOE_ARCHS = ("qwen3_moe", "mixtral", "granitemoe", "gpt_oss", "phimoe", "deepseek_v3", "jamba")
+SSM_ARCHS = ("mamba", "mamba2", "jamba")  # jamba is both: a hybrid
+EXTRA_ARCHS = ("qwen3_moe", "mixtral", "granitemoe", "gpt_oss", "phimoe", "deepseek_v3", "mamba", "mamba2", "jamba")
+ALL_ARCHS = ARCHS + EXTRA_ARCHS
 
 # Token ids fixed by the order of special tokens given to the BPE trainer.
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -39,6 +65,11 @@ VOCAB_SIZE = 384
 
 # Tiny shapes: 2 layers, hidden 32 -> about 43k parameters, ~170 KB in float32.
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, MAX_POSITIONS = 32, 64, 2, 4, 2, 128
+# MoE: 4 experts, 2 per token; experts of qwen3_moe/deepseek_v3 are 16 wide (their own
+# moe_intermediate_size). The biggest, gpt_oss, has ~82k parameters (~330 KB in float32).
+EXPERTS, TOP_K, MOE_INTERMEDIATE = 4, 2, 16
+# Mamba: SSM state 4 per channel, inner width 2 * HIDDEN, causal conv over 2 tokens.
+SSM_STATE, SSM_EXPAND, SSM_CONV = 4, 2, 2
 
 REMOTE_CODE_MARKER_ENV = "LORA_PREP_TEST_REMOTE_CODE_MARKER"
 
@@ -138,10 +169,59 @@ def _config(arch: str, dtype: torch.dtype):
             hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS, **ids,
         )
+    elif arch in _EXTRA_CONFIGS:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(arch, **_EXTRA_CONFIGS[arch], **ids)
     else:
-        raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(ARCHS)}.")
+        raise ValueError(f"unknown arch {arch!r}; use one of {', '.join(ALL_ARCHS)}.")
     cfg.dtype = dtype
     return cfg
+
+
+_ATTENTION = dict(
+    hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
+)
+_MOE = dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+_MAMBA = dict(
+    hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=SSM_STATE, expand=SSM_EXPAND, conv_kernel=SSM_CONV,
+)
+_HEAD_DIM = HIDDEN // HEADS
+
+_EXTRA_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(
+        _ATTENTION, head_dim=_HEAD_DIM, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        moe_intermediate_size=MOE_INTERMEDIATE, decoder_sparse_step=1,  # every layer MoE
+    ),
+    "mixtral": dict(_ATTENTION, **_MOE),
+    "granitemoe": dict(_ATTENTION, **_MOE),
+    "gpt_oss": dict(
+        _ATTENTION, **_MOE, head_dim=_HEAD_DIM, layer_types=["sliding_attention", "full_attention"],
+        # The default YaRN (factor 32 over 4096 original positions) contradicts 128 positions and
+        # warns at every load; factor 2 over 64 is consistent and keeps the YaRN code path.
+        rope_parameters={
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": MAX_POSITIONS / 64,
+            "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+        },
+    ),
+    "phimoe": dict(_ATTENTION, **_MOE),
+    "deepseek_v3": dict(
+        _ATTENTION, moe_intermediate_size=MOE_INTERMEDIATE, n_routed_experts=EXPERTS, n_shared_experts=1,
+        num_experts_per_tok=TOP_K, n_group=1, topk_group=1,
+        first_k_dense_replace=1,  # layer 0 dense MLP, layer 1 MoE
+        # MLA: q and kv pass 16-wide low-rank bottlenecks; q/k heads = 4 rotary + 4 plain dims.
+        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=_HEAD_DIM,
+    ),
+    "mamba": dict(_MAMBA),
+    "mamba2": dict(_MAMBA, num_heads=8, head_dim=8, n_groups=1),  # 8 heads * 8 = SSM_EXPAND * HIDDEN
+    "jamba": dict(
+        _ATTENTION, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        attn_layer_period=2, attn_layer_offset=1,  # layer 0 mamba, layer 1 attention
+        expert_layer_period=2, expert_layer_offset=1,  # layer 0 dense MLP, layer 1 MoE
+        mamba_d_state=SSM_STATE, mamba_d_conv=SSM_CONV, mamba_expand=SSM_EXPAND, mamba_dt_rank=4,
+    ),
+}
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -155,6 +235,43 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# --- LoRA-relevant structure ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_structure(arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fused expert parameters, routers) read off ``arch``'s module tree, built on the meta device (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(arch, torch.float32))
+    modules = dict(model.named_modules())
+    # 3-D parameters of transformers' own modules; torch.nn's (mamba's Conv1d weight) are ordinary layers.
+    fused = tuple(
+        f"{name}.{param_name}"
+        for name, module in modules.items()
+        if not type(module).__module__.startswith("torch.")
+        for param_name, param in module.named_parameters(recurse=False)
+        if param.ndim == 3
+    )
+    gates = tuple(
+        name for name in modules
+        if name.rpartition(".")[2] in ("gate", "router") and f"{name.rpartition('.')[0]}.experts" in modules
+    )
+    return fused, gates
+
+
+def expert_params(arch: str) -> list[str]:
+    """Full names of ``arch``'s fused 3-D expert parameters ([] if none),
+    e.g. "model.layers.0.mlp.experts.gate_up_proj"."""
+    return list(_moe_structure(arch)[0])
+
+
+def routers(arch: str) -> list[str]:
+    """Full module names of ``arch``'s MoE routers (the gate/router next to an experts module); [] if none."""
+    return list(_moe_structure(arch)[1])
 
 
 # --- remote code -------------------------------------------------------------------
@@ -353,6 +470,26 @@ class TestRepo:
     notes: str = ""
 
 
+# One repo per EXTRA_ARCHS entry, published by build_test_repos.
+EXTRA_REPOS = {
+    "qwen3_moe": "tiny/qwen3-moe", "mixtral": "tiny/mixtral", "granitemoe": "tiny/granite-moe",
+    "gpt_oss": "tiny/gpt-oss", "phimoe": "tiny/phimoe", "deepseek_v3": "tiny/deepseek-v3",
+    "mamba": "tiny/mamba", "mamba2": "tiny/mamba2", "jamba": "tiny/jamba",
+}
+_EXTRA_NOTES = {
+    "qwen3_moe": "fused experts (3-D mlp.experts.gate_up_proj/down_proj) in both layers; router mlp.gate",
+    "mixtral": "fused experts in both layers, per-expert w1/w2/w3 in the checkpoint; router mlp.gate",
+    "granitemoe": "fused block_sparse_moe.experts in both layers; router block_sparse_moe.router",
+    "gpt_oss": "fused experts stored transposed (E, in, out) with biases; attention sinks; router mlp.router",
+    "phimoe": "router mlp.router is an nn.Linear subclass returning a tuple: all-linear wraps it and breaks forward",
+    "deepseek_v3": "MLA attention (q_a/q_b_proj, kv_a_proj_with_mqa, kv_b_proj); layer 0 dense, "
+    "layer 1 MoE + shared_experts",
+    "mamba": "state-space, no attention; PEFT refuses LoRA on out_proj and conv1d",
+    "mamba2": "state-space (SSD), no attention; PEFT refuses LoRA on out_proj and conv1d",
+    "jamba": "hybrid: layer 0 mamba + dense MLP, layer 1 attention + MoE; PEFT allows its mamba.out_proj",
+}
+
+
 def _files(src: Path) -> list[str]:
     return sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
 
@@ -399,5 +536,8 @@ def build_test_repos(store: Path) -> dict[str, TestRepo]:
             remote_code=True, seed=6,
         )
         one("tiny/gated", "llama", "gated: needs a token with access", gated=True, seed=2)
+        # One repo per transformers-5 architecture, seeds 10.. in EXTRA_ARCHS order (~0.04 s each).
+        for seed, arch in enumerate(EXTRA_ARCHS, start=10):
+            one(EXTRA_REPOS[arch], arch, _EXTRA_NOTES[arch], seed=seed)
     return repos
 

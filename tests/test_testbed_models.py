@@ -14,6 +14,7 @@ from tests.hubserver import HubServer
 from tests.model_factory import (
     ARCHS,
     BOS_ID,
+    EXTRA_REPOS,
     EOS_ID,
     REMOTE_CODE_MARKER_ENV,
     VOCAB_SIZE,
@@ -186,7 +187,7 @@ def _snapshot_sha(cache: Path, repo_id: str, ref: str = "main") -> str:
 def test_build_test_repos_publishes_the_standard_repos(hub: HubServer):
     repos: dict[str, TestRepo] = hub.repos
 
-    assert set(repos) == {*HUB_LOADABLE, "tiny/remote-code", "tiny/gated"}
+    assert set(repos) == {*HUB_LOADABLE, "tiny/remote-code", "tiny/gated", *EXTRA_REPOS.values()}
     assert all(len(r.sha) == 40 and r.shas["main"] == r.sha for r in repos.values())
     assert len({r.sha for r in repos.values()}) == len(repos)
     assert repos["tiny/llama"].shas["v1"] != repos["tiny/llama"].sha
