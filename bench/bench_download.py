@@ -72,9 +72,9 @@ def serve_and_run(work: Path, args) -> dict:
 def run(server: HubServer, work: Path, args) -> dict:
     from huggingface_hub import snapshot_download
 
-    from tasks.download import VerifyStats, download_snapshot
-    from tasks.hub import resolve_repo
-    from tasks.settings import SourceSettings
+    from lora_prep.tasks.download import VerifyStats, download_snapshot
+    from lora_prep.tasks.hub import resolve_repo
+    from lora_prep.tasks.settings import SourceSettings
     from tests.model_factory import build_big_model_dir
 
     t0 = time.perf_counter()

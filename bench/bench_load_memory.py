@@ -47,7 +47,7 @@ def peak_rss() -> int:
 
 def _model_facts(model_dir: Path):
     """ModelFacts as the resolve stage builds them: config.json plus counts from safetensors headers."""
-    from tasks.model_facts import ModelFacts
+    from lora_prep.tasks.model_facts import ModelFacts
 
     return ModelFacts.from_local_dir(model_dir, "bench/llama", "0" * 40)
 
@@ -59,13 +59,13 @@ def child(mode: str, dtype: str, model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     import peft  # noqa: F401
-    from tasks.hardware import probe_hardware
-    from tasks.load import load_model
-    from tasks.plan import plan_load
-    from tasks.settings import LoadSettings, LoraSettings
+    from lora_prep.tasks.hardware import probe_hardware
+    from lora_prep.tasks.load import load_model
+    from lora_prep.tasks.plan import plan_load
+    from lora_prep.tasks.settings import LoadSettings, LoraSettings
 
     try:
-        from tasks.lora import wrap_lora
+        from lora_prep.tasks.lora import wrap_lora
     except ImportError:
         wrap_lora = None
 

@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_spec(path: Path = PREFECT_YAML) -> dict[str, Any]:
@@ -27,13 +26,8 @@ def load_spec(path: Path = PREFECT_YAML) -> dict[str, Any]:
 
 
 def load_flow(entrypoint: str):
-    """`flows/prepare_model.py:prepare_model` -> the flow object, imported as a module of this package.
-
-    Importing `flows.prepare_model` (rather than executing the file by path, as
-    `prefect deploy` does) keeps one module object per flow in this process.
-    """
-    path, _, name = entrypoint.partition(":")
-    module = ".".join(Path(path).with_suffix("").parts)
+    """`lora_prep.flows.prepare_model:prepare_model` -> the flow object (a module path of the installed package)."""
+    module, _, name = entrypoint.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -71,6 +65,8 @@ def _triggers(entries: list[dict] | None) -> list:
 
 def runner_deployments(spec: dict[str, Any] | None = None) -> list:
     """One RunnerDeployment per entry of prefect.yaml, without work pool (served by this process)."""
+    from prefect.deployments.runner import EntrypointType
+
     spec = spec or load_spec()
     out = []
     for entry in spec.get("deployments") or []:
@@ -84,6 +80,7 @@ def runner_deployments(spec: dict[str, Any] | None = None) -> list:
             triggers=_triggers(entry.get("triggers")),
             concurrency_limit=_concurrency(entry.get("concurrency_limit")),
             enforce_parameter_schema=entry.get("enforce_parameter_schema", True),
+            entrypoint_type=EntrypointType.MODULE_PATH,  # as prefect.yaml: an installed wheel is enough
         ))
     return out
 

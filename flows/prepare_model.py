@@ -11,14 +11,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, ConfigDict
 
-from flows.run_support import StageClock, library_logs_to_prefect, publish_run_artifacts
-from tasks.build import build
-from tasks.download import download
-from tasks.hardware import probe
-from tasks.hub import resolve
-from tasks.plan import plan_task
-from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from tasks.tracking import fail_run, track_task, start_run
+from lora_prep.run_support import StageClock, library_logs_to_prefect, publish_run_artifacts
+from lora_prep.tasks.build import build
+from lora_prep.tasks.download import download
+from lora_prep.tasks.hardware import probe
+from lora_prep.tasks.hub import resolve
+from lora_prep.tasks.plan import plan_task
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.tracking import fail_run, track_task, start_run
 
 
 class PreparedModel(BaseModel):

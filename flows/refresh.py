@@ -18,10 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
-from flows.prepare_model import prepare_model
-from tasks.hub import resolve
-from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from tasks.tracking import retry_if_unreachable, resolve_tracking_uri
+from lora_prep.flows.prepare_model import prepare_model
+from lora_prep.tasks.hub import resolve
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.tracking import retry_if_unreachable, resolve_tracking_uri
 
 
 class RefreshResult(BaseModel):
@@ -75,7 +75,7 @@ def _quote(value: str) -> str:
     # MLflow's filter grammar takes single-quoted strings with no escape. Hub ids and shas
     # never contain a quote, but a model id is user input: refuse rather than build a broken query.
     if "'" in value:
-        from tasks.errors import InvalidInput
+        from lora_prep.tasks.errors import InvalidInput
 
         raise InvalidInput(f"model id or sha {value!r} contains a quote; give a Hub model id such as org/name.")
     return value

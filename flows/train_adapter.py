@@ -29,10 +29,10 @@ from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.prepare_model import _prefect_tags, prepare_model
-from tasks.errors import InvalidInput, LoraPrepError, TrackingUnavailable
-from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from tasks.tracking import retry_if_unreachable, FLOW_RUN_TAG, log_artifact_run, resolve_tracking_uri, start_run
+from lora_prep.flows.prepare_model import _prefect_tags, prepare_model
+from lora_prep.tasks.errors import InvalidInput, LoraPrepError, TrackingUnavailable
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.tracking import retry_if_unreachable, FLOW_RUN_TAG, log_artifact_run, resolve_tracking_uri, start_run
 
 PREPARE_DEPLOYMENT = "prepare-model/prepare-on-demand"
 PREPARE_TIMEOUT_S = 12 * 3600  # the prepare flow's own timeout
@@ -226,9 +226,9 @@ def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, setti
     """Load the artifact trainable, train the adapter, save it as a new artifact whose manifest names its parent."""
     import torch
 
-    from tasks.artifact import artifact_name, model_card, package_versions, utc_now, write_artifact
-    from tasks.artifact_load import load_adapter_ready
-    from tasks.paths import default_artifacts_dir
+    from lora_prep.tasks.artifact import artifact_name, model_card, package_versions, utc_now, write_artifact
+    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.paths import default_artifacts_dir
 
     started = time.perf_counter()
     torch.manual_seed(settings.seed)

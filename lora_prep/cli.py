@@ -113,8 +113,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """All settings models, validated together: every bad field is reported in one line."""
     from pydantic import ValidationError
 
-    from tasks.errors import InvalidInput
-    from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+    from lora_prep.tasks.errors import InvalidInput
+    from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 
     raw = {
         "source": (SourceSettings, _drop_none(dict(cache_dir=args.cache_dir, offline=args.offline or None, allow_pickle=args.allow_pickle or None, token_secret=args.token_secret))),
@@ -198,7 +198,7 @@ def cmd_prepare(args) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     settings = settings_from_args(args)
     warm = _warm_prefect()
-    from flows.prepare_model import prepare_model  # imports torch, transformers, peft
+    from lora_prep.flows.prepare_model import prepare_model  # imports torch, transformers, peft
 
     _quiet_console(args.debug)
 
@@ -208,7 +208,7 @@ def cmd_prepare(args) -> int:
     if args.json:
         print(result.model_dump_json())
         return EXIT_OK
-    from tasks.tracking import ui_command
+    from lora_prep.tasks.tracking import ui_command
 
     lines = [
         f"artifact   {result.artifact_dir}",
@@ -228,7 +228,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_plan(args) -> int:
     settings = settings_from_args(args)
-    from flows.dry_run import dry_run, format_dry_run
+    from lora_prep.dry_run import dry_run, format_dry_run
 
     report = dry_run(args.model_id, args.revision, settings["source"], settings["load"], settings["lora"])
     print(json.dumps(report) if args.json else format_dry_run(report))
@@ -236,7 +236,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from tasks.hardware import format_profile, probe_hardware
+    from lora_prep.tasks.hardware import format_profile, probe_hardware
 
     profile = probe_hardware(args.cache_dir)
     print(profile.model_dump_json() if args.json else format_profile(profile))
@@ -244,9 +244,9 @@ def cmd_probe(args) -> int:
 
 
 def cmd_load(args) -> int:
-    from tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact_load import load_adapter_ready
 
-    from tasks.settings import SourceSettings
+    from lora_prep.tasks.settings import SourceSettings
 
     source = SourceSettings(**_drop_none(dict(cache_dir=args.cache_dir, offline=args.offline or None, allow_pickle=args.allow_pickle or None)))
     loaded = load_adapter_ready(args.ref, trainable=args.trainable, tracking_uri=args.tracking_uri, source=source, trust_remote_code=args.trust_remote_code)
@@ -261,8 +261,8 @@ def cmd_load(args) -> int:
 def cmd_log(args) -> int:
     from pathlib import Path
 
-    from tasks.settings import TrackingSettings
-    from tasks.tracking import log_artifact_run
+    from lora_prep.tasks.settings import TrackingSettings
+    from lora_prep.tasks.tracking import log_artifact_run
 
     tracking = TrackingSettings(**_drop_none(dict(tracking_uri=args.tracking_uri, experiment=args.experiment, register_as=args.register_as, alias=args.alias)))
     result = log_artifact_run(Path(args.artifact_dir), tracking, {"lora_prep.logged_by": "lora-prep log"}, {})
@@ -271,7 +271,7 @@ def cmd_log(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from deployments.serve import serve_all
+    from lora_prep.deployments.serve import serve_all
 
     serve_all()
     return EXIT_OK

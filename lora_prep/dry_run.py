@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.errors import DoesNotFit
-from tasks.settings import LoadSettings, LoraSettings, SourceSettings
+from lora_prep.tasks.errors import DoesNotFit
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, SourceSettings
 
 
 def _cached(facts, cache_dir: str | None) -> list[str]:
@@ -33,7 +33,7 @@ def _meta_targets(facts, lora: LoraSettings) -> list[str] | str:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasks.lora import resolve_targets
+    from lora_prep.tasks.lora import resolve_targets
 
     config = AutoConfig.for_model(**facts.config)
     with init_empty_weights():
@@ -42,9 +42,9 @@ def _meta_targets(facts, lora: LoraSettings) -> list[str] | str:
 
 
 def dry_run(model_id: str, revision: str, source: SourceSettings, load: LoadSettings, lora: LoraSettings) -> dict[str, Any]:
-    from tasks.hardware import probe_hardware
-    from tasks.hub import get_token, resolve_repo
-    from tasks.plan import plan_for_repo
+    from lora_prep.tasks.hardware import probe_hardware
+    from lora_prep.tasks.hub import get_token, resolve_repo
+    from lora_prep.tasks.plan import plan_for_repo
 
     facts = resolve_repo(model_id, revision, source, token=get_token(source))
     profile = probe_hardware(source.cache_dir)

@@ -10,7 +10,7 @@ from typing import Iterator
 # Loggers whose records belong in the Prefect run logs: the libraries at their own level
 # (warnings by default: transformers' INFO dumps whole configs) and ours at INFO.
 LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "mlflow", "accelerate")
-OUR_LOGGERS = ("tasks", "flows")
+OUR_LOGGERS = ("lora_prep",)
 
 
 class StageClock:

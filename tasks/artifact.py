@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks.errors import InvalidInput
+from lora_prep.tasks.errors import InvalidInput
 
 SCHEMA = "lora-prep/manifest@1"
 MANIFEST = "manifest.json"
@@ -132,7 +132,7 @@ above and checked against the sha256 list in `manifest.json`.
 ## Load it
 
 ```python
-from tasks.artifact_load import load_adapter_ready
+from lora_prep.tasks.artifact_load import load_adapter_ready
 
 model, tokenizer, manifest = load_adapter_ready("path/to/this/directory", trainable=True)
 ```

@@ -1,6 +1,6 @@
 """Load an adapter-ready artifact back: the API a training pipeline calls.
 
-    from tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact_load import load_adapter_ready
     ready = load_adapter_ready("~/.local/share/lora-prep/artifacts/<name>", trainable=True)
     model, tokenizer, manifest = ready          # unpacks like a tuple
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.artifact import read_manifest
-from tasks.errors import IntegrityError, InvalidInput, RemoteCodeRefused
-from tasks.settings import LoadSettings, SourceSettings
+from lora_prep.tasks.artifact import read_manifest
+from lora_prep.tasks.errors import IntegrityError, InvalidInput, RemoteCodeRefused
+from lora_prep.tasks.settings import LoadSettings, SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class AdapterReady:
 
 def _local_dir(ref: str, tracking_uri: str | None) -> Path:
     if ref.startswith(("runs:/", "models:/")):
-        from tasks.tracking import download_reference
+        from lora_prep.tasks.tracking import download_reference
 
         return download_reference(ref, Path(tempfile.mkdtemp(prefix="lora-prep-ref-")), tracking_uri)
     path = Path(ref).expanduser()
@@ -105,11 +105,11 @@ def load_adapter_ready(
 ) -> AdapterReady:
     from peft import PeftModel
 
-    from tasks.download import download_snapshot
-    from tasks.hardware import probe_hardware
-    from tasks.hub import get_token, resolve_repo
-    from tasks.load import load_model, load_tokenizer
-    from tasks.plan import LoadPlan, plan_for_repo
+    from lora_prep.tasks.download import download_snapshot
+    from lora_prep.tasks.hardware import probe_hardware
+    from lora_prep.tasks.hub import get_token, resolve_repo
+    from lora_prep.tasks.load import load_model, load_tokenizer
+    from lora_prep.tasks.plan import LoadPlan, plan_for_repo
 
     artifact_dir = _local_dir(str(ref), tracking_uri)
     manifest = read_manifest(artifact_dir)

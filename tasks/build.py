@@ -17,13 +17,13 @@ from pydantic import BaseModel, ConfigDict
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifact import artifact_name, package_versions, model_card, utc_now, write_artifact
-from tasks.download import Snapshot
-from tasks.hardware import HardwareProfile
-from tasks.hub import RepoFacts
-from tasks.paths import default_artifacts_dir
-from tasks.plan import LoadPlan
-from tasks.settings import LoadSettings, LoraSettings, OutputSettings
+from lora_prep.tasks.artifact import artifact_name, package_versions, model_card, utc_now, write_artifact
+from lora_prep.tasks.download import Snapshot
+from lora_prep.tasks.hardware import HardwareProfile
+from lora_prep.tasks.hub import RepoFacts
+from lora_prep.tasks.paths import default_artifacts_dir
+from lora_prep.tasks.plan import LoadPlan
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def build_adapter_ready(
     tracking_info: dict,
     allow_pickle: bool = False,
 ) -> BuiltArtifact:
-    from tasks.load import load_model
-    from tasks.lora import wrap_lora
+    from lora_prep.tasks.load import load_model
+    from lora_prep.tasks.lora import wrap_lora
 
     started = time.perf_counter()
     loaded = load_model(snapshot.snapshot_dir, plan, load, allow_pickle=allow_pickle)

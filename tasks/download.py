@@ -38,8 +38,8 @@ from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import IntegrityError, NotEnoughDisk
-from tasks.hub import (
+from lora_prep.tasks.errors import IntegrityError, NotEnoughDisk
+from lora_prep.tasks.hub import (
     HubFile,
     RepoFacts,
     cache_dir_for,
@@ -51,7 +51,7 @@ from tasks.hub import (
     retry_if_transient,
     run_logger,
 )
-from tasks.settings import SourceSettings
+from lora_prep.tasks.settings import SourceSettings
 
 # Files downloaded in parallel; huggingface_hub's default for snapshot_download.
 DOWNLOAD_WORKERS = 8

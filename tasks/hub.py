@@ -61,7 +61,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import (
+from lora_prep.tasks.errors import (
     EntryNotFound,
     GatedRepo,
     HubUnavailable,
@@ -74,7 +74,7 @@ from tasks.errors import (
     RevisionNotFound,
     retry_if_transient,
 )
-from tasks.settings import SourceSettings, is_full_sha
+from lora_prep.tasks.settings import SourceSettings, is_full_sha
 
 WeightFormat = Literal["safetensors", "pickle"]
 

@@ -25,9 +25,9 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import EntryNotFound, InvalidInput, PickleRefused, RemoteCodeRefused
-from tasks.plan import LoadPlan
-from tasks.settings import LoadSettings
+from lora_prep.tasks.errors import EntryNotFound, InvalidInput, PickleRefused, RemoteCodeRefused
+from lora_prep.tasks.plan import LoadPlan
+from lora_prep.tasks.settings import LoadSettings
 
 log = logging.getLogger(__name__)
 

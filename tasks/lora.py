@@ -33,8 +33,8 @@ from typing import Any, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import InvalidInput, UnknownTargetModule
-from tasks.settings import LoraSettings
+from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
+from lora_prep.tasks.settings import LoraSettings
 
 log = logging.getLogger(__name__)
 

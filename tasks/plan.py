@@ -27,10 +27,10 @@ except ImportError:  # the GPU check machine (bench/gpu_check.sh) has torch but 
     def task(**_options):
         return lambda fn: fn
 
-from tasks.errors import DoesNotFit, InvalidInput, LoraPrepError, RemoteCodeRefused
-from tasks.hardware import HardwareProfile, format_bytes
-from tasks.model_facts import ModelFacts, attention_support  # noqa: F401  (attention_support re-exported)
-from tasks.settings import LoadSettings, is_full_sha
+from lora_prep.tasks.errors import DoesNotFit, InvalidInput, LoraPrepError, RemoteCodeRefused
+from lora_prep.tasks.hardware import HardwareProfile, format_bytes
+from lora_prep.tasks.model_facts import ModelFacts, attention_support  # noqa: F401  (attention_support re-exported)
+from lora_prep.tasks.settings import LoadSettings, is_full_sha
 
 # --- sizes and margins ---------------------------------------------------------
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.artifact import read_manifest, update_manifest
-from tasks.errors import InvalidInput, TrackingUnavailable
-from tasks.paths import default_mlflow_artifact_root, default_tracking_uri
-from tasks.settings import TrackingSettings
+from lora_prep.tasks.artifact import read_manifest, update_manifest
+from lora_prep.tasks.errors import InvalidInput, TrackingUnavailable
+from lora_prep.tasks.paths import default_mlflow_artifact_root, default_tracking_uri
+from lora_prep.tasks.settings import TrackingSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,21 @@ def _sqlite_artifact_root(uri: str) -> str | None:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if uri.startswith("sqlite:///"):
-        # MLflow creates and migrates a SQLite store on first use; two processes doing that
-        # at once (two `lora-prep prepare` on a new per-user store) collide ("duplicate column
-        # name"). A file lock beside the database makes the first use one process at a time.
-        from filelock import FileLock
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # MLflow creates and migrates a SQLite store on first use; two processes doing that at
+    # once (several `lora-prep prepare` on a new per-user store) collide ("duplicate column
+    # name", "table ... already exists") and can leave it half-migrated. A file lock beside
+    # the database, taken before any client object exists, makes the first use one process
+    # at a time: the first builds and migrates both stores, the others then find them done.
+    from filelock import FileLock
 
-        db = Path(urllib.parse.urlparse(uri).path)
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(db) + ".init.lock", timeout=300):
-            client.search_experiments(max_results=1)  # tracking store: tables created or migrated
-            client.search_registered_models(max_results=1)  # registry store, likewise
+    db = Path(urllib.parse.urlparse(uri).path)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".init.lock", timeout=300):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # tracking store: tables created or migrated
+        client.search_registered_models(max_results=1)  # registry store, likewise
     return client
 
 
@@ -329,7 +332,7 @@ def download_reference(ref: str, dst: Path, tracking_uri: str | None = None) -> 
 def retry_if_unreachable(task, task_run, state) -> bool:
     """Prefect retry_condition_fn for MLflow calls (a plain def, see retry_if_transient):
     our transient errors and MLflow's own transport failures."""
-    from tasks.errors import is_transient
+    from lora_prep.tasks.errors import is_transient
 
     try:
         state.result()
@@ -347,7 +350,7 @@ def _make_track_task():
     from prefect.cache_policies import NO_CACHE
     from prefect.tasks import exponential_backoff
 
-    from tasks.errors import retry_if_transient
+    from lora_prep.tasks.errors import retry_if_transient
 
     return task(
         name="track-mlflow",

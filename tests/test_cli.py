@@ -1,6 +1,6 @@
 """The `lora-prep` command line: exit codes, one-line errors, --json.
 
-Refusals run in-process through `flows.cli.main` (the same code path as the console
+Refusals run in-process through `lora_prep.cli.main` (the same code path as the console
 script, against the session's Prefect harness); two tests start the real console
 script as a subprocess to check what a user's terminal gets.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from lora_prep.cli import main
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

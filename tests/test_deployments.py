@@ -36,20 +36,15 @@ def _all_deployments() -> list[tuple[str, dict]]:
 
 @pytest.fixture(scope="module")
 def flows() -> dict:
-    """Each entrypoint loaded the way `prefect deploy` loads it: a file path relative to the repo root."""
-    import os
-
+    """Each entrypoint loaded the way `prefect deploy` and a worker load it: a module path of the installed package."""
     from prefect.flows import load_flow_from_entrypoint
 
-    loaded, cwd = {}, os.getcwd()
-    os.chdir(ROOT)  # entrypoints are repo-root relative, as for `prefect deploy` run from the root
-    try:
-        for _, deployment in _all_deployments():
-            entrypoint = deployment["entrypoint"]
-            if entrypoint not in loaded:
-                loaded[entrypoint] = load_flow_from_entrypoint(entrypoint)
-    finally:
-        os.chdir(cwd)
+    loaded = {}
+    for _, deployment in _all_deployments():
+        entrypoint = deployment["entrypoint"]
+        assert not entrypoint.split(":")[0].endswith(".py"), f"{entrypoint}: use a module path, so an installed wheel is enough"
+        if entrypoint not in loaded:
+            loaded[entrypoint] = load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)
     return loaded
 
 
@@ -98,11 +93,11 @@ def test_each_entrypoint_is_a_flow_and_its_parameters_validate_against_the_signa
 def test_settings_parameters_reach_the_ui_form_with_their_descriptions(flows):
     from prefect.utilities.callables import parameter_schema
 
-    schema = parameter_schema(flows["flows/prepare_model.py:prepare_model"]).model_dump_for_openapi()
+    schema = parameter_schema(flows["lora_prep.flows.prepare_model:prepare_model"]).model_dump_for_openapi()
     assert {"model_id", "revision", "source", "load", "lora", "tracking", "output"} <= set(schema["properties"])
     lora = schema["definitions"]["LoraSettings"]["properties"]
     assert "rank" in lora["r"]["description"].lower()
-    train = parameter_schema(flows["flows/train_adapter.py:train_adapter"]).model_dump_for_openapi()
+    train = parameter_schema(flows["lora_prep.flows.train_adapter:train_adapter"]).model_dump_for_openapi()
     assert train["properties"]["prepare"]["enum"] == ["subflow", "deployment"]
     assert "event trigger" in train["properties"]["prepared_flow_run_id"]["description"]
 
@@ -123,7 +118,7 @@ def test_the_nightly_refresh_is_scheduled_in_utc_and_skips_a_night_rather_than_q
     from prefect.client.schemas.schedules import CronSchedule
 
     nightly = next(d for d in _deployments(DEPLOYMENTS / "prefect.yaml") if d["name"] == "refresh-nightly")
-    assert nightly["entrypoint"] == "flows/refresh.py:refresh_model"
+    assert nightly["entrypoint"] == "lora_prep.flows.refresh:refresh_model"
     (schedule,) = nightly["schedules"]
     cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
     assert cron.timezone == "UTC" and schedule.get("active", True)
@@ -169,7 +164,7 @@ def test_the_pipeline_deployment_prepares_through_a_deployment_declared_in_the_s
 
 
 def test_serve_builds_the_same_deployments_as_prefect_yaml_without_a_work_pool():
-    from deployments.serve import runner_deployments
+    from lora_prep.deployments.serve import runner_deployments
 
     spec = _deployments(DEPLOYMENTS / "prefect.yaml")
     served = {d.name: d for d in runner_deployments()}
@@ -178,7 +173,7 @@ def test_serve_builds_the_same_deployments_as_prefect_yaml_without_a_work_pool()
         d = served[entry["name"]]
         assert d.work_pool_name is None
         assert d.parameters == (entry.get("parameters") or {})
-        assert d.entrypoint.endswith(entry["entrypoint"])
+        assert d.entrypoint.replace(":", ".") == entry["entrypoint"].replace(":", ".")  # module path, either spelling
         assert d.concurrency_limit == entry["concurrency_limit"]["limit"]
         assert d.concurrency_options.collision_strategy.value == entry["concurrency_limit"]["collision_strategy"]
         assert [s.schedule.cron for s in d.schedules] == [s["cron"] for s in entry.get("schedules") or []]

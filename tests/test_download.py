@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import VerifyStats, check_disk_space, download_snapshot
-from tasks.errors import GatedRepo, IntegrityError, NotEnoughDisk, OfflineCacheMiss
-from tasks.hub import resolve_repo
-from tasks.settings import SourceSettings
+from lora_prep.tasks.download import VerifyStats, check_disk_space, download_snapshot
+from lora_prep.tasks.errors import GatedRepo, IntegrityError, NotEnoughDisk, OfflineCacheMiss
+from lora_prep.tasks.hub import resolve_repo
+from lora_prep.tasks.settings import SourceSettings
 from tests.model_factory import build_model_dir
 
 THREAD_TIMEOUT_S = 60

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from tasks.download import Snapshot, download
-from tasks.errors import GatedRepo, InvalidInput, RepoNotFound, RevisionNotFound
-from tasks.hub import RepoFacts, get_token, resolve, resolve_repo
-from tasks.settings import SourceSettings
+from lora_prep.tasks.download import Snapshot, download
+from lora_prep.tasks.errors import GatedRepo, InvalidInput, RepoNotFound, RevisionNotFound
+from lora_prep.tasks.hub import RepoFacts, get_token, resolve, resolve_repo
+from lora_prep.tasks.settings import SourceSettings
 
 # Retries as declared on the tasks, without the waiting.
 resolve_now = resolve.with_options(retry_delay_seconds=0, retry_jitter_factor=None)

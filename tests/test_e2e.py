@@ -310,7 +310,7 @@ def test_serve_runs_the_same_deployments_from_one_process_without_a_work_pool(st
         for name in ("prepare-model/prepare-on-demand", "refresh-model/refresh-nightly",
                      "train-adapter/train-after-prepare", "train-adapter/train-on-demand"):
             client.delete_deployment(client.read_deployment_by_name(name).id)
-    serve = launch("lora-prep serve", [sys.executable, "-c", "from deployments.serve import serve_all; serve_all()"],
+    serve = launch("lora-prep serve", [sys.executable, "-c", "from lora_prep.deployments.serve import serve_all; serve_all()"],
                    stack.tmp / "logs" / "serve.log", serve_env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _prepare(model_id: str, cache: Path, mlflow_uri: str, out: Path, flow=None, **kwargs):
-    from flows.prepare_model import prepare_model
+    from lora_prep.flows.prepare_model import prepare_model
 
     flow = flow or prepare_model
     return flow(
@@ -104,7 +104,7 @@ def test_prefect_result_storage_holds_nothing_over_one_megabyte_after_a_run(hub,
 def test_a_prefect_retried_flow_reuses_its_mlflow_run(hub, hf_cache, mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flows.prepare_model import prepare_model
+    from lora_prep.flows.prepare_model import prepare_model
 
     # A 403 on the weights' metadata request is permanent: the download task fails at
     # once (no task retry), the flow fails its first attempt after the MLflow run was opened.
@@ -123,7 +123,7 @@ def test_a_prefect_retried_flow_reuses_its_mlflow_run(hub, hf_cache, mlflow_uri,
 def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlflow_uri, tmp_path):
     import torch
 
-    from tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact_load import load_adapter_ready
 
     result = _prepare(
         "tiny/llama", hf_cache, mlflow_uri, tmp_path / "out",
@@ -140,7 +140,7 @@ def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlfl
 
 
 def test_mlflow_unreachable_keeps_the_artifact_and_says_how_to_log_it_later(hub, hf_cache, tmp_path):
-    from tasks.errors import TrackingUnavailable
+    from lora_prep.tasks.errors import TrackingUnavailable
 
     import asyncio
 
@@ -168,7 +168,7 @@ def test_mlflow_unreachable_keeps_the_artifact_and_says_how_to_log_it_later(hub,
 
 
 def test_a_model_too_big_for_max_memory_is_refused_before_any_weights_are_downloaded(hub, hf_cache, mlflow_uri, tmp_path):
-    from tasks.errors import DoesNotFit
+    from lora_prep.tasks.errors import DoesNotFit
 
     with pytest.raises(DoesNotFit) as err:
         _prepare("tiny/llama", hf_cache, mlflow_uri, tmp_path / "out", load=LoadSettings(max_memory={"cpu": "100KB"}))
@@ -189,7 +189,7 @@ def test_library_and_stage_logs_reach_the_prefect_run_logs(hub, hf_cache, mlflow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from flows.prepare_model import prepare_model
+    from lora_prep.flows.prepare_model import prepare_model
 
     # transformers at INFO for this test (as a user would set it) so that its records exist.
     hf_logger = logging.getLogger("transformers")
@@ -211,10 +211,10 @@ def test_library_and_stage_logs_reach_the_prefect_run_logs(hub, hf_cache, mlflow
     deadline = time.monotonic() + 30
     while True:
         names = {log.name for log in asyncio.run(read())}
-        if "tasks.build" in names and any(n.startswith("transformers.") for n in names) or time.monotonic() > deadline:
+        if "lora_prep.tasks.build" in names and any(n.startswith("transformers.") for n in names) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert "tasks.build" in names  # our stage logs ("artifact written to ...")
+    assert "lora_prep.tasks.build" in names  # our stage logs ("artifact written to ...")
     assert any(name.startswith("transformers.") for name in names), names
 
 
@@ -239,7 +239,7 @@ def test_a_gated_model_prepared_with_a_token_records_the_token_nowhere(hub, hf_c
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from flows.prepare_model import prepare_model
+    from lora_prep.flows.prepare_model import prepare_model
 
     monkeypatch.setenv("HF_TOKEN", hub_token)
     state = _prepare("tiny/gated", hf_cache, mlflow_uri, tmp_path / "out", flow=prepare_model, return_state=True)

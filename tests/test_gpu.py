@@ -10,9 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tasks.hardware import probe_hardware  # noqa: E402
-from tasks.plan import ModelFacts, plan_load  # noqa: E402
-from tasks.settings import LoadSettings  # noqa: E402
+from lora_prep.tasks.hardware import probe_hardware  # noqa: E402
+from lora_prep.tasks.plan import ModelFacts, plan_load  # noqa: E402
+from lora_prep.tasks.settings import LoadSettings  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.hardware import CudaDevice, HardwareProfile, PackageCheck, check_package, format_profile, probe_hardware
+from lora_prep.tasks.hardware import CudaDevice, HardwareProfile, PackageCheck, check_package, format_profile, probe_hardware
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,6 @@ def test_probe_task_never_caches_and_never_retries():
     pytest.importorskip("prefect")
     from prefect.cache_policies import NO_CACHE
 
-    from tasks.hardware import probe
+    from lora_prep.tasks.hardware import probe
 
     assert probe.name == "probe" and probe.cache_policy == NO_CACHE and probe.retries == 0

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import download_snapshot
-from tasks.errors import (
+from lora_prep.tasks.download import download_snapshot
+from lora_prep.tasks.errors import (
     EntryNotFound,
     GatedRepo,
     HubUnavailable,
@@ -22,8 +22,8 @@ from tasks.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from tasks.hub import get_token, resolve_repo, select_files
-from tasks.settings import SourceSettings
+from lora_prep.tasks.hub import get_token, resolve_repo, select_files
+from lora_prep.tasks.settings import SourceSettings
 from tests.model_factory import build_model_dir
 
 

@@ -11,9 +11,9 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from tasks.errors import InvalidInput, UnknownTargetModule
-from tasks.lora import LoraReport, resolve_targets, wrap_lora
-from tasks.settings import LoraSettings
+from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
+from lora_prep.tasks.lora import LoraReport, resolve_targets, wrap_lora
+from lora_prep.tasks.settings import LoraSettings
 from tests.model_factory import ARCHS, HIDDEN, VOCAB_SIZE, build_model_dir
 
 LAYERS_AT = {"llama": "model.layers", "gpt2": "transformer.h", "phi3": "model.layers", "gpt_neox": "gpt_neox.layers"}
@@ -302,7 +302,7 @@ def test_adapter_bytes_match_the_tensors_in_the_saved_file(load, tmp_path):
 def test_modules_to_save_warns_and_counts_the_full_copy_in_the_adapter_size(load, caplog):
     lora_only = wrap_lora(load("llama"), LoraSettings(r=4))[1].adapter_bytes
 
-    with caplog.at_level(logging.WARNING, logger="tasks.lora"):
+    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.lora"):
         _, report = wrap_lora(load("llama"), LoraSettings(r=4, modules_to_save=["lm_head"]))
 
     head_bytes = VOCAB_SIZE * HIDDEN * 4  # float32

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.errors import DoesNotFit, InvalidInput, RemoteCodeRefused
-from tasks.hardware import CudaDevice, HardwareProfile, PackageCheck
-from tasks.plan import LoadPlan, ModelFacts, parse_size, plan_load, weights_bytes
-from tasks.settings import LoadSettings
+from lora_prep.tasks.errors import DoesNotFit, InvalidInput, RemoteCodeRefused
+from lora_prep.tasks.hardware import CudaDevice, HardwareProfile, PackageCheck
+from lora_prep.tasks.plan import LoadPlan, ModelFacts, parse_size, plan_load, weights_bytes
+from lora_prep.tasks.settings import LoadSettings
 
 GiB = 2**30
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -373,7 +373,7 @@ def test_plan_task_is_a_prefect_task_that_plans_from_repo_facts():
     pytest.importorskip("prefect")
     from prefect.cache_policies import NO_CACHE
 
-    from tasks.plan import plan_task
+    from lora_prep.tasks.plan import plan_task
 
     assert plan_task.name == "plan" and plan_task.cache_policy == NO_CACHE and plan_task.retries == 0
     repo = SimpleNamespace(

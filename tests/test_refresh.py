@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.settings import LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.settings import LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -42,7 +42,7 @@ def _finished_runs(bed) -> list:
 
 
 def test_refresh_prepares_a_commit_once_and_again_only_after_the_branch_moves(hub, bed):
-    from flows.refresh import refresh_model
+    from lora_prep.flows.refresh import refresh_model
     from tests.model_factory import build_model_dir
 
     first = refresh_model(model_id=REPO, **bed["settings"])
@@ -65,7 +65,7 @@ def test_refresh_prepares_a_commit_once_and_again_only_after_the_branch_moves(hu
 
 
 def test_force_prepares_an_unchanged_commit_again(bed):
-    from flows.refresh import refresh_model
+    from lora_prep.flows.refresh import refresh_model
 
     before = len(_finished_runs(bed))
     forced = refresh_model(model_id=REPO, force=True, **bed["settings"])
@@ -76,8 +76,8 @@ def test_force_prepares_an_unchanged_commit_again(bed):
 def test_a_failed_run_at_the_same_commit_does_not_count_as_prepared(bed):
     from mlflow.tracking import MlflowClient
 
-    from flows.refresh import find_prepared_run
-    from tasks.hub import resolve_repo
+    from lora_prep.flows.refresh import find_prepared_run
+    from lora_prep.tasks.hub import resolve_repo
 
     tracking = TrackingSettings(tracking_uri=bed["settings"]["tracking"].tracking_uri, experiment="refresh-failed")
     sha = resolve_repo(REPO, "main", bed["settings"]["source"]).commit_sha

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifact import write_artifact
-from tasks.settings import TrackingSettings
-from tasks.tracking import log_artifact_run, resolve_tracking_uri
+from lora_prep.tasks.artifact import write_artifact
+from lora_prep.tasks.settings import TrackingSettings
+from lora_prep.tasks.tracking import log_artifact_run, resolve_tracking_uri
 
 
 def _artifact(parent: Path) -> Path:
@@ -68,7 +68,7 @@ def test_logging_the_same_flow_run_twice_reuses_its_run_and_records_it_in_the_ma
 def test_flow_parameters_are_validated_as_the_prefect_ui_form_would(prefect_harness):
     from prefect.exceptions import ParameterTypeError
 
-    from flows.prepare_model import prepare_model
+    from lora_prep.flows.prepare_model import prepare_model
 
     with pytest.raises(ParameterTypeError) as err:
         prepare_model.validate_parameters({"model_id": "tiny/llama", "lora": {"r": 0, "dropout": 2}, "load": {"dtype": "int3"}})

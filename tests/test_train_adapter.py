@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.settings import LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -34,7 +34,7 @@ def bed(tmp_path_factory, hub, prefect_harness):
 @pytest.fixture(scope="module")
 def trained(bed):
     """train_adapter with prepare=subflow on tiny/llama; returns the flow's result."""
-    from flows.train_adapter import TrainSettings, train_adapter
+    from lora_prep.flows.train_adapter import TrainSettings, train_adapter
 
     return train_adapter(model_id="tiny/llama", prepare="subflow", train=TrainSettings(steps=STEPS, lr=1e-2), **bed)
 
@@ -84,8 +84,8 @@ def test_the_new_artifact_records_its_parent_and_the_training(trained, bed):
 
 
 def test_the_trained_artifact_loads_back_with_the_trained_adapter_and_the_same_base(trained, bed):
-    from flows.train_adapter import _batches, _eval_loss, is_adapter_param, weights_sha256, TrainSettings
-    from tasks.artifact_load import load_adapter_ready
+    from lora_prep.flows.train_adapter import _batches, _eval_loss, is_adapter_param, weights_sha256, TrainSettings
+    from lora_prep.tasks.artifact_load import load_adapter_ready
 
     ready = load_adapter_ready(trained.artifact_dir, source=bed["source"])
     named = list(ready.model.named_parameters())
@@ -113,8 +113,8 @@ def test_the_training_is_a_child_mlflow_run_of_the_prepare_run_with_the_loss_his
 
 def test_the_trigger_path_trains_the_artifact_of_a_finished_prepare_run_found_through_mlflow(bed):
     """What the event trigger does: only the prepare flow run id (as `{{ event.resource.id }}` renders it) is passed."""
-    from flows.prepare_model import prepare_model
-    from flows.train_adapter import TrainSettings, train_adapter
+    from lora_prep.flows.prepare_model import prepare_model
+    from lora_prep.flows.train_adapter import TrainSettings, train_adapter
 
     prepare_state = prepare_model(model_id="tiny/gpt2", return_state=True, **bed)
     prepared = prepare_state.result()
@@ -131,7 +131,7 @@ def test_the_trigger_path_trains_the_artifact_of_a_finished_prepare_run_found_th
 
 def test_a_prepare_run_started_by_another_flow_is_left_to_that_flow(trained, bed):
     """The trigger also fires for prepare runs a pipeline started; those are trained by the pipeline, so this run skips."""
-    from flows.train_adapter import train_adapter
+    from lora_prep.flows.train_adapter import train_adapter
 
     parent = _client(bed).get_run(trained.parent_mlflow_run_id)
     subflow_run_id = parent.data.tags["prefect.flow_run_id"]  # the prepare subflow of the `trained` run
@@ -143,8 +143,8 @@ def test_a_prepare_run_started_by_another_flow_is_left_to_that_flow(trained, bed
 
 
 def test_without_a_model_id_or_a_prepare_run_the_flow_fails_with_the_fix(bed):
-    from flows.train_adapter import train_adapter
-    from tasks.errors import InvalidInput
+    from lora_prep.flows.train_adapter import train_adapter
+    from lora_prep.tasks.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="model_id is required"):
         train_adapter(tracking=bed["tracking"])
