@@ -61,7 +61,7 @@ def child(mode: str, dtype: str, model_dir: Path) -> dict:
     import peft  # noqa: F401
     from lora_prep.tasks.hardware import probe_hardware
     from lora_prep.tasks.load import load_model
-    from lora_prep.tasks.plan import plan_load
+    from lora_prep.tasks.load_plan import plan_load
     from lora_prep.tasks.settings import LoadSettings, LoraSettings
 
     try:

@@ -1,4 +1,4 @@
-"""The prepare flow: a Hub model id in, a tracked, adapter-ready LoRA artifact out.
+"""The prepare flow: a Hub model id (or a local model directory) in, a tracked, adapter-ready LoRA artifact out.
 
 Run it with `lora-prep prepare <model id>`, from a Prefect deployment
 (`deployments/prefect.yaml`), or as a subflow of a training pipeline.
@@ -9,16 +9,19 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from lora_prep.run_support import StageClock, library_logs_to_prefect, publish_run_artifacts
 from lora_prep.tasks.build import build
 from lora_prep.tasks.download import download
 from lora_prep.tasks.hardware import probe
-from lora_prep.tasks.hub import resolve
+from lora_prep.tasks.manifest import PrefectRecord
 from lora_prep.tasks.plan import plan_task
+from lora_prep.tasks.resolve import RepoFacts, resolve
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from lora_prep.tasks.tracking import fail_run, track_task, start_run
+from lora_prep.tasks.tracking import fail_run, start_run, track_task
 
 
 class PreparedModel(BaseModel):
@@ -27,9 +30,11 @@ class PreparedModel(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     artifact_dir: str
-    repo_id: str
+    repo_id: str = Field(description="The Hub repo id, or the local model directory.")
+    source: Literal["hub", "local"] = "hub"
     revision: str
-    commit_sha: str
+    commit_sha: str | None = Field(description="The commit loaded; None for a local directory (see content_digest).")
+    content_digest: str = Field(description="sha256 over the base files' (path, sha256).")
     mlflow_run_id: str
     mlflow_tracking_uri: str
     mlflow_run_url: str | None
@@ -37,6 +42,7 @@ class PreparedModel(BaseModel):
     total_params: int
     trainable_params: int
     target_modules: list[str]
+    target_parameters: list[str] = Field(default_factory=list, description="Fused expert parameters with LoRA.")
     bytes_downloaded: int
     from_cache: bool
     offline: bool
@@ -58,9 +64,15 @@ def _prefect_tags() -> dict[str, str]:
     return tags
 
 
+def _prefect_record() -> PrefectRecord:
+    return PrefectRecord(flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name),
+                         deployment_name=str(deployment.name) if deployment.id else None)
+
+
 @task(name="open-mlflow-run", cache_policy=NO_CACHE, timeout_seconds=300)
-def open_run(tracking: TrackingSettings, model_id: str, revision: str, commit_sha: str) -> str | None:
-    return start_run(tracking, _prefect_tags(), {"model_id": model_id, "revision": revision, "commit_sha": commit_sha})
+def open_run(tracking: TrackingSettings, facts: RepoFacts) -> str | None:
+    params = {"model_id": facts.repo_id, "source": facts.source, "revision": facts.revision, "commit_sha": facts.commit_sha or ""}
+    return start_run(tracking, _prefect_tags(), params)
 
 
 def _mark_run_failed(flow, run, state) -> None:
@@ -92,14 +104,14 @@ def prepare_model(
 
     1. resolve   the revision to a commit sha; select the files; read parameter count and dtypes from the headers
     2. probe     the hardware
-    3. plan      dtype, attention, placement, quantization; refuse here if it cannot fit (no weights fetched yet)
+    3. plan      load plan, LoRA targets on the model's skeleton, output directory; every refusal here, before any weight moves
     4. download  the selected files at the sha into the HF cache, verified (cached task, retried)
-    5. build     load the model, wrap it with LoRA, write the artifact directory (one task; tag gpu)
-    6. track     log the artifact to MLflow, register it if asked (retried)
+    5. build     load the model, wrap it with LoRA, run it once, write the artifact directory (one task; tag gpu)
+    6. track     log the artifact to MLflow as a logged model, register it if asked (retried)
 
     Args:
-        model_id: Hugging Face Hub model id, e.g. Qwen/Qwen2.5-0.5B.
-        revision: Branch, tag or full 40-hex commit sha; resolved to a commit sha before anything is fetched.
+        model_id: Hugging Face Hub model id (e.g. Qwen/Qwen2.5-0.5B), or a local directory with config, tokenizer and safetensors.
+        revision: Branch, tag or full 40-hex commit sha; resolved to a commit sha before anything is fetched. For a local directory: unused, or the digest of its *.py files to allow its remote code.
         source: Where the files come from: cache directory, offline, pickle and token settings.
         load: How the base model is loaded: dtype, attention, placement, quantization, memory budget.
         lora: The LoRA adapter: rank, alpha, dropout, target modules, initialisation, seed.
@@ -113,19 +125,21 @@ def prepare_model(
         with clock("probe"):
             profile = probe(source.cache_dir)
         with clock("plan"):
-            plan = plan_task(profile, facts, load, revision)
-        open_run(tracking, model_id, revision, facts.commit_sha)
+            plan = plan_task(profile, facts, load, lora, output, revision, source)
+        open_run(tracking, facts)
         with clock("download"):
             snapshot = download(facts, source)
         with clock("build"):
-            built = build(snapshot, facts, profile, plan, load, lora, output, {"prefect_flow_run_id": str(flow_run.id)}, source.allow_pickle)
+            built = build(snapshot, facts, profile, plan, load, lora, output, _prefect_record(), source.allow_pickle)
         with clock("track"):
             tracked = track_task(built.artifact_dir, tracking, _prefect_tags(), clock.metrics(built, snapshot))
         result = PreparedModel(
             artifact_dir=built.artifact_dir,
             repo_id=facts.repo_id,
+            source=facts.source,
             revision=revision,
-            commit_sha=facts.commit_sha,
+            commit_sha=snapshot.commit_sha,
+            content_digest=snapshot.content_digest,
             mlflow_run_id=tracked.run_id,
             mlflow_tracking_uri=tracked.tracking_uri,
             mlflow_run_url=tracked.run_url,
@@ -133,6 +147,7 @@ def prepare_model(
             total_params=built.total_params,
             trainable_params=built.trainable_params,
             target_modules=built.target_modules,
+            target_parameters=built.target_parameters,
             bytes_downloaded=snapshot.bytes_transferred,
             from_cache=snapshot.from_cache,
             offline=snapshot.offline,

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
 from lora_prep.flows.prepare_model import prepare_model
-from lora_prep.tasks.hub import resolve
+from lora_prep.tasks.resolve import is_local_source, resolve
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from lora_prep.tasks.tracking import retry_if_unreachable, resolve_tracking_uri
+from lora_prep.tasks.errors import InvalidInput
+from lora_prep.tasks.mlflow_store import client, mlflow_errors, resolve_tracking_uri
+from lora_prep.tasks.retry import TRACKING
 
 
 class RefreshResult(BaseModel):
@@ -51,18 +52,20 @@ def find_prepared_run(tracking: TrackingSettings, model_id: str, commit_sha: str
     FINISHED matters: a run that failed or is still RUNNING at that commit
     made no artifact, so it must not stop a refresh.
     """
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_tracking_uri(tracking)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(tracking.experiment)
+    with mlflow_errors(uri):
+        return _find(client(uri), tracking, model_id, commit_sha)
+
+
+def _find(mlflow, tracking: TrackingSettings, model_id: str, commit_sha: str) -> ExistingRun | None:
+    experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is None:
         return None
     query = (
         f"params.model_id = '{_quote(model_id)}' and params.commit_sha = '{_quote(commit_sha)}' "
         "and attributes.status = 'FINISHED'"
     )
-    runs = client.search_runs([experiment.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=50)
+    runs = mlflow.search_runs([experiment.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=50)
     # Child runs (a trained adapter, flows/train_adapter.py) carry the same params but are not preparations.
     prepared = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     if not prepared:
@@ -75,19 +78,15 @@ def _quote(value: str) -> str:
     # MLflow's filter grammar takes single-quoted strings with no escape. Hub ids and shas
     # never contain a quote, but a model id is user input: refuse rather than build a broken query.
     if "'" in value:
-        from lora_prep.tasks.errors import InvalidInput
-
         raise InvalidInput(f"model id or sha {value!r} contains a quote; give a Hub model id such as org/name.")
     return value
 
 
 find_prepared = task(
     name="find-prepared-run",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
-    retry_condition_fn=retry_if_unreachable,
     cache_policy=NO_CACHE,  # the answer changes whenever a prepare run finishes
     timeout_seconds=300,
+    **TRACKING.task_options(),
 )(find_prepared_run)
 
 
@@ -108,6 +107,8 @@ def refresh_model(
     2. find     a FINISHED MLflow run with the same params.model_id and params.commit_sha
     3. prepare  only when none was found, or `force`: the prepare flow as a subflow
     """
+    if is_local_source(model_id):
+        raise InvalidInput(f"model_id {model_id!r} is a local directory: a refresh follows a Hub branch; give a Hub id such as org/name.")
     facts = resolve(model_id, revision, source)
     existing = None if force else find_prepared(tracking, model_id, facts.commit_sha)
     if existing is not None:

@@ -26,13 +26,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
-from lora_prep.flows.prepare_model import _prefect_tags, prepare_model
+from lora_prep.flows.prepare_model import _prefect_record, _prefect_tags, prepare_model
 from lora_prep.tasks.errors import InvalidInput, LoraPrepError, TrackingUnavailable
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from lora_prep.tasks.tracking import retry_if_unreachable, FLOW_RUN_TAG, log_artifact_run, resolve_tracking_uri, start_run
+from lora_prep.tasks.mlflow_store import client, mlflow_errors, resolve_tracking_uri
+from lora_prep.tasks.retry import TRACKING
+from lora_prep.tasks.tracking import FLOW_RUN_TAG, log_artifact_run, start_run
 
 PREPARE_DEPLOYMENT = "prepare-model/prepare-on-demand"
 PREPARE_TIMEOUT_S = 12 * 3600  # the prepare flow's own timeout
@@ -66,18 +67,18 @@ def find_prepared_by_flow_run(flow_run_id: str, tracking: TrackingSettings, *, a
     result storage is shared; the MLflow server is shared by design.
     ask_who_started_it: also ask Prefect whether a flow started that run (the trigger path).
     """
-    from mlflow.tracking import MlflowClient
     from prefect import get_client
 
     flow_run_id = _flow_run_id(flow_run_id)
     uri = resolve_tracking_uri(tracking)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(tracking.experiment)
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
+    with mlflow_errors(uri):
+        mlflow = client(uri)
+        experiment = mlflow.get_experiment_by_name(tracking.experiment)
+        runs = [] if experiment is None else mlflow.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' and attributes.status = 'FINISHED'",
+            max_results=1,
+        )
     if not runs:
         raise InvalidInput(
             f"no FINISHED MLflow run tagged {FLOW_RUN_TAG}={flow_run_id} in experiment {tracking.experiment!r} at {uri}; "
@@ -96,8 +97,7 @@ def find_prepared_by_flow_run(flow_run_id: str, tracking: TrackingSettings, *, a
 
 
 find_prepared = task(
-    name="find-prepared-artifact", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=300,
+    name="find-prepared-artifact", cache_policy=NO_CACHE, timeout_seconds=300, **TRACKING.task_options(),
 )(find_prepared_by_flow_run)
 
 
@@ -226,9 +226,11 @@ def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, setti
     """Load the artifact trainable, train the adapter, save it as a new artifact whose manifest names its parent."""
     import torch
 
-    from lora_prep.tasks.artifact import artifact_name, model_card, package_versions, utc_now, write_artifact
+    from lora_prep.tasks.artifact import artifact_name, artifact_parent, model_card, package_versions, utc_now, write_artifact
     from lora_prep.tasks.artifact_load import load_adapter_ready
-    from lora_prep.tasks.paths import default_artifacts_dir
+    from lora_prep.tasks.build import _files, save_adapter
+    from lora_prep.tasks.manifest import Manifest, ParentRecord, TrainingRecord
+    from lora_prep.tasks.tokenizer import save_tokenizer
 
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -259,31 +261,27 @@ def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, setti
     params_now = dict(model.named_parameters())
     changed = sum(not torch.equal(before, params_now[n].detach()) for n, before in adapter_before.items())
     base_after = weights_sha256(base) if settings.verify_base else None
-    training = {
-        "steps": settings.steps, "lr": settings.lr, "settings": settings.model_dump(mode="json"), "corpus_sentences": len(SENTENCES),
-        "losses": losses, "final_loss": losses[-1], "eval_loss_before": eval_before, "eval_loss_after": eval_after,
-        "base_sha256_before": base_before, "base_sha256_after": base_after,
-    }
+    training = TrainingRecord(
+        steps=settings.steps, lr=settings.lr, settings=settings.model_dump(mode="json"), corpus_sentences=len(SENTENCES),
+        losses=losses, final_loss=losses[-1], eval_loss_before=eval_before, eval_loss_after=eval_after,
+        base_sha256_before=base_before, base_sha256_after=base_after,
+    )
+    base_record = ready.manifest.base_model
 
-    def fill(tmp: Path) -> dict:
-        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        manifest = {k: v for k, v in ready.manifest.items() if k not in ("schema", "tracking")}
-        files = sorted(p for p in (tmp / "adapter").rglob("*") if p.is_file())
-        manifest.update(
-            created_at=utc_now(),
-            versions=package_versions(),
-            parent={"artifact_dir": str(parent_ref), "mlflow_run_id": parent_run_id},
-            training=training,
-            adapter={**manifest.get("adapter", {}), "trained": True, "files": [
-                {"path": str(p.relative_to(tmp)), "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]},
-            tracking={},
-        )
-        return manifest
+    def fill(tmp: Path) -> Manifest:
+        save_adapter(model, tmp / "adapter", base_record.name_or_path, base_record.commit_sha,
+                     save_embedding_layers=ready.manifest.adapter.save_embedding_layers)
+        save_tokenizer(tokenizer, tmp / "tokenizer")
+        adapter = ready.manifest.adapter.model_copy(update={"trained": True, "files": _files(tmp / "adapter")})
+        # The parent's manifest, extended through the model: same base, plan and targets; new adapter, lineage, training.
+        return ready.manifest.model_copy(update={
+            "created_at": utc_now(), "versions": package_versions(), "adapter": adapter, "tracking": None,
+            "parent": ParentRecord(artifact=str(parent_ref), mlflow_run_id=parent_run_id), "training": training,
+            "prefect": _prefect_record(),
+        })
 
-    base_model = ready.manifest["base_model"]
-    parent_dir = Path(output.output_dir).expanduser() if output.output_dir else default_artifacts_dir()
-    name = output.name or f"{artifact_name(base_model['repo_id'], base_model['commit_sha'])}--trained"
+    parent_dir = artifact_parent(output)
+    name = output.name or f"{artifact_name(base_record.name_or_path, base_record.commit_sha or base_record.content_digest)}--trained"
     artifact_dir = write_artifact(parent_dir, name, fill, lambda m: model_card(m) + _training_card(m))
     get_run_logger().info("trained %d steps: loss %.4f -> %.4f; artifact %s", settings.steps, eval_before, eval_after, artifact_dir)
     return TrainedAdapter(
@@ -296,10 +294,10 @@ def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, setti
     )
 
 
-def _training_card(manifest: dict) -> str:
-    t = manifest["training"]
-    return (f"\n## Training\n\nTrained {t['steps']} steps at lr {t['lr']} from `{manifest['parent']['artifact_dir']}` "
-            f"(MLflow run `{manifest['parent']['mlflow_run_id']}`): eval loss {t['eval_loss_before']:.4f} -> {t['eval_loss_after']:.4f}.\n")
+def _training_card(manifest) -> str:
+    t, parent = manifest.training, manifest.parent
+    return (f"\n## Training\n\nTrained {t.steps} steps at lr {t.lr} from `{parent.artifact}` "
+            f"(MLflow run `{parent.mlflow_run_id}`): eval loss {t.eval_loss_before:.4f} -> {t.eval_loss_after:.4f}.\n")
 
 
 # --- stage 3: track ------------------------------------------------------------------------------
@@ -312,11 +310,11 @@ def log_trained(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingS
     `load_adapter_ready("runs:/<child run id>")` loads the trained adapter.
     """
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=prepared.tracking_uri)
-    parent = client.get_run(prepared.mlflow_run_id)
-    experiment = client.get_experiment(parent.info.experiment_id).name
+    with mlflow_errors(prepared.tracking_uri):
+        mlflow = client(prepared.tracking_uri)
+        parent = mlflow.get_run(prepared.mlflow_run_id)
+        experiment = mlflow.get_experiment(parent.info.experiment_id).name
     settings = tracking.model_copy(update={"tracking_uri": prepared.tracking_uri, "experiment": experiment})
     tags = {**_prefect_tags(), PARENT_RUN_TAG: prepared.mlflow_run_id, "lora_prep.kind": "trained-adapter"}
     params = {f"train.{k}": v for k, v in train.model_dump(mode="json").items()}
@@ -325,10 +323,12 @@ def log_trained(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingS
         raise TrackingUnavailable(f"MLflow at {prepared.tracking_uri} is unreachable; the trained artifact is kept at {trained.artifact_dir}.")
     stamp = int(time.time() * 1000)
     try:
-        # One point per optimizer step: MLflow draws the curve from the step index.
-        client.log_batch(run_id, metrics=[Metric("loss", loss, stamp, step) for step, loss in enumerate(trained.losses)])
+        with mlflow_errors(prepared.tracking_uri):
+            # One point per optimizer step: MLflow draws the curve from the step index.
+            mlflow.log_batch(run_id, metrics=[Metric("loss", loss, stamp, step) for step, loss in enumerate(trained.losses)])
     except BaseException:
-        client.set_terminated(run_id, "FAILED")  # never left RUNNING; a task retry finds it by its tags again
+        with mlflow_errors(prepared.tracking_uri):
+            mlflow.set_terminated(run_id, "FAILED")  # never left RUNNING; a task retry finds it by its tags again
         raise
     stats = {"eval_loss_before": trained.eval_loss_before, "eval_loss_after": trained.eval_loss_after, "final_loss": trained.losses[-1],
              "seconds.train": trained.seconds}
@@ -336,8 +336,7 @@ def log_trained(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingS
 
 
 track_trained = task(
-    name="track-trained-adapter", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=retry_if_unreachable, cache_policy=NO_CACHE, timeout_seconds=3600,
+    name="track-trained-adapter", cache_policy=NO_CACHE, timeout_seconds=3600, **TRACKING.task_options(),
 )(log_trained)
 
 # tag "gpu": the same tag concurrency limit as the prepare flow's build task (one model per GPU slot).

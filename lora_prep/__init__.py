@@ -25,6 +25,7 @@ _API = {
     "PreparedModel": "lora_prep.flows.prepare_model",
     "load_adapter_ready": "lora_prep.tasks.artifact_load",
     "AdapterReady": "lora_prep.tasks.artifact_load",
+    "Manifest": "lora_prep.tasks.manifest",
     "SourceSettings": "lora_prep.tasks.settings",
     "LoadSettings": "lora_prep.tasks.settings",
     "LoraSettings": "lora_prep.tasks.settings",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ impo
     from lora_prep.flows.prepare_model import PreparedModel, prepare_model
     from lora_prep.tasks.artifact_load import AdapterReady, load_adapter_ready
     from lora_prep.tasks.errors import LoraPrepError
+    from lora_prep.tasks.manifest import Manifest
     from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 
 

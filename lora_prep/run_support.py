@@ -57,20 +57,27 @@ def library_logs_to_prefect(level: int = logging.INFO) -> Iterator[None]:
 
 
 def _summary_markdown(result, plan) -> str:
-    reasons = "\n".join(f"| {k} | {v} |" for k, v in plan.reasons.items())
+    from lora_prep.tasks.tracking import where_to_open
+
+    reasons = "\n".join(f"| {k} | {v} |" for k, v in plan.load.reasons.items())
     seconds = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
     targets = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in result.target_modules}))
+    experts = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in result.target_parameters}))
+    excluded = "\n".join(f"| `{k}` | {v} |" for k, v in plan.targets.excluded.items()) or "| (none) | |"
+    pinned = f"`{result.commit_sha}`" if result.commit_sha else f"content digest `{result.content_digest}`"
     return f"""# Prepared {result.repo_id}
 
 | | |
 |---|---|
 | revision | `{result.revision}` |
-| commit | `{result.commit_sha}` |
+| pinned to | {pinned} |
 | artifact | `{result.artifact_dir}` |
 | parameters | {result.total_params:,} total, {result.trainable_params:,} trainable |
-| LoRA targets | {targets} ({len(result.target_modules)} layers) |
+| LoRA modules | {targets} ({len(result.target_modules)} modules) |
+| LoRA expert parameters | {experts or "none"} ({len(result.target_parameters)}) |
+| LoRA dropout | {plan.targets.dropout_reason} |
 | downloaded | {result.bytes_downloaded:,} bytes (from cache: {result.from_cache}, offline: {result.offline}) |
-| MLflow run | `{result.mlflow_run_id}` |
+| MLflow run | `{result.mlflow_run_id}`: {where_to_open(result.mlflow_tracking_uri, result.mlflow_run_url)} |
 | model URI | {result.model_uri or "not registered"} |
 | timings | {seconds} |
 
@@ -79,14 +86,21 @@ def _summary_markdown(result, plan) -> str:
 | decision | reason |
 |---|---|
 {reasons}
+
+## Left out of the LoRA presets
+
+| module | why |
+|---|---|
+{excluded}
 """
 
 
 def publish_run_artifacts(result, plan) -> None:
-    """A markdown summary and a link to the MLflow run, on the flow run's Artifacts tab."""
+    """A markdown summary and, for a tracking server, a link to the MLflow run, on the flow run's Artifacts tab."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     # Artifact keys: lowercase letters, digits and dashes only.
-    create_markdown_artifact(key="prepare-summary", markdown=_summary_markdown(result, plan), description=f"{result.repo_id}@{result.commit_sha[:12]}")
-    if result.mlflow_run_url:
+    create_markdown_artifact(key="prepare-summary", markdown=_summary_markdown(result, plan),
+                             description=f"{result.repo_id}@{(result.commit_sha or result.content_digest)[:12]}")
+    if result.mlflow_run_url:  # only where a server answers at that URL (tasks/tracking.py run_url)
         create_link_artifact(key="mlflow-run", link=result.mlflow_run_url, link_text=f"MLflow run {result.mlflow_run_id}")

@@ -1,14 +1,16 @@
 """The adapter-ready artifact: one directory another machine can load back.
 
     <name>/
-      adapter/        PEFT save_pretrained output (safetensors), adapter only
-      tokenizer/      the tokenizer as prepared (pad token included)
-      manifest.json   schema lora-prep/manifest@1: base commit and file hashes, plan, LoRA, versions, tracking
+      adapter/        PEFT save_pretrained output (safetensors), adapter only; adapter_config.json names
+                      the Hub repo id and commit sha (or the local directory), never a cache path
+      tokenizer/      the tokenizer as prepared (pad token included), without load-time arguments
+      manifest.json   lora-prep/manifest@2 (tasks/manifest.py)
       README.md       a short model card
 
 Written atomically: everything goes into a hidden temporary sibling
-(".<name>.partial-<uuid>") and the directory is renamed into place last, so a
-crashed run leaves only a dot-directory that no reader takes for an artifact.
+(".<name>.partial-<hex>", with an owner file naming host and pid) and the directory is renamed
+into place last, so a crashed run leaves only a dot-directory that no reader takes for an
+artifact; the next run in that parent directory removes the ones whose process is gone.
 """
 
 from __future__ import annotations
@@ -18,17 +20,24 @@ import os
 import platform
 import re
 import shutil
+import socket
+import time
 import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from lora_prep.tasks.errors import InvalidInput
+from lora_prep.tasks.files import write_atomic
+from lora_prep.tasks.manifest import MANIFEST, Manifest
+from lora_prep.tasks.paths import default_artifacts_dir
+from lora_prep.tasks.settings import OutputSettings
 
-SCHEMA = "lora-prep/manifest@1"
-MANIFEST = "manifest.json"
-_VERSIONED = ("torch", "transformers", "peft", "accelerate", "huggingface_hub", "prefect", "mlflow", "safetensors")
+_VERSIONED = ("torch", "transformers", "peft", "accelerate", "huggingface_hub", "prefect", "mlflow", "safetensors", "lora-prep")
+OWNER = ".owner.json"
+# A partial directory without an owner file (a crash in its first milliseconds) is removed after this long.
+ORPHAN_AGE_S = 3600
 
 
 def package_versions() -> dict[str, str | None]:
@@ -45,38 +54,101 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def artifact_name(repo_id: str, commit_sha: str) -> str:
-    """Readable and unique: <org>--<name>--<sha12>--<UTC time>-<4 hex>."""
+def artifact_name(name_or_path: str, pin: str) -> str:
+    """Readable and unique: <org>--<name>--<sha12>--<UTC time>-<4 hex> (a local directory: its last two parts)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", repo_id.replace("/", "--"))
-    return f"{safe}--{commit_sha[:12]}--{stamp}-{uuid.uuid4().hex[:4]}"
+    if os.path.isabs(name_or_path):
+        name_or_path = "/".join(Path(name_or_path).parts[-2:])
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name_or_path.replace("/", "--")).strip("-.") or "model"
+    return f"{safe}--{pin[:12]}--{stamp}-{uuid.uuid4().hex[:4]}"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def artifact_parent(output: OutputSettings) -> Path:
+    return Path(output.output_dir).expanduser() if output.output_dir else default_artifacts_dir()
 
 
-def write_artifact(parent: Path, name: str, fill: Callable[[Path], dict], card: Callable[[dict], str]) -> Path:
+def check_output_dir(output: OutputSettings, *, create: bool) -> Path:
+    """The artifact's parent directory, checked before any download: a directory that can be written.
+
+    create: make it (and check by writing a probe file); False (the dry run) checks the nearest
+    existing ancestor instead and writes nothing.
+    """
+    parent = artifact_parent(output).absolute()
+    field = "output.output_dir (--output-dir)"
+    if parent.exists() and not parent.is_dir():
+        raise InvalidInput(f"{field} {parent} is a file, not a directory: choose a directory.")
+    if output.name and (parent / output.name).exists():
+        raise InvalidInput(f"artifact directory {parent / output.name} already exists; choose another --name or --output-dir.")
+    try:
+        if create:
+            parent.mkdir(parents=True, exist_ok=True)
+            probe = parent / f".lora-prep-write-check-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        else:
+            ancestor = parent
+            while not ancestor.exists():
+                ancestor = ancestor.parent
+            if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable", str(ancestor))
+    except OSError as exc:
+        raise InvalidInput(f"{field} {parent} cannot be created or written ({exc.strerror or type(exc).__name__}): "
+                           "choose a directory you can write to.") from None
+    return parent
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_partials(parent: Path) -> list[str]:
+    """Remove ``.<name>.partial-*`` directories left by runs that died (this host, process gone)."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for tmp in parent.glob(".*.partial-*"):
+        try:
+            owner = json.loads((tmp / OWNER).read_text())
+            dead = owner.get("host") == host and not _pid_alive(int(owner.get("pid", 0)))
+        except (OSError, ValueError):
+            dead = time.time() - tmp.stat().st_mtime > ORPHAN_AGE_S
+        if dead:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp.name)
+    return removed
+
+
+def write_artifact(parent: Path, name: str, fill: Callable[[Path], Manifest], card: Callable[[Manifest], str]) -> Path:
     """Create ``parent/name`` atomically.
 
-    ``fill(tmp_dir)`` writes adapter/ and tokenizer/ into the temporary
-    directory and returns the manifest; the manifest and the model card are
-    written last, then the directory is renamed into place.
+    ``fill(tmp_dir)`` writes adapter/ and tokenizer/ into the temporary directory and returns
+    the Manifest; the manifest and the model card are written last, then the directory is
+    renamed into place.
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(parent)
     final = parent / name
     if final.exists():
         raise InvalidInput(f"artifact directory {final} already exists; choose another --output-dir or name.")
     tmp = parent / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}))
         manifest = fill(tmp)
-        manifest = {"schema": SCHEMA, **manifest}
         (tmp / "README.md").write_text(card(manifest))
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_atomic(tmp / MANIFEST, manifest.to_json())
+        (tmp / OWNER).unlink()
         os.rename(tmp, final)  # atomic on one filesystem; fails if final appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,57 +156,59 @@ def write_artifact(parent: Path, name: str, fill: Callable[[Path], dict], card: 
     return final
 
 
-def read_manifest(artifact_dir: Path) -> dict:
-    path = Path(artifact_dir) / MANIFEST
-    if not path.is_file():
-        raise InvalidInput(f"{artifact_dir} is not a lora-prep artifact (no {MANIFEST}); pass the directory printed by 'lora-prep prepare'.")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema") != SCHEMA:
-        raise InvalidInput(f"{path} has schema {manifest.get('schema')!r}, expected {SCHEMA!r}; load it with the lora-prep version that wrote it.")
+def update_manifest(artifact_dir: Path, **fields) -> Manifest:
+    """A new manifest with these top-level fields replaced, written atomically (e.g. the MLflow run after logging)."""
+    from lora_prep.tasks.manifest import read_manifest
+
+    manifest = read_manifest(artifact_dir).model_copy(update=fields)
+    write_atomic(Path(artifact_dir) / MANIFEST, manifest.to_json())
     return manifest
 
 
-def update_manifest(artifact_dir: Path, **sections: Any) -> dict:
-    """Merge top-level sections into manifest.json (atomic replace); used to record the MLflow run id after logging."""
-    manifest = read_manifest(artifact_dir)
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
-            manifest[key] = {**manifest[key], **value}
-        else:
-            manifest[key] = value
-    write_json_atomic(Path(artifact_dir) / MANIFEST, manifest)
-    return manifest
+def model_card(manifest: Manifest) -> str:
+    base, t, params, plan = manifest.base_model, manifest.lora.targets, manifest.parameters, manifest.load_plan
+    s = manifest.lora.settings
+    leaves = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in t.target_modules}))
+    experts = f"; expert parameters {', '.join(t.expert_parameter_leaves)} ({len(t.target_parameters)})" if t.target_parameters else ""
+    pinned = f"commit `{base.commit_sha}`" if base.commit_sha else f"content digest `{base.content_digest}`"
+    if base.source == "hub":
+        peft_load = (f'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory/adapter")  '
+                     f"# fetches {base.name_or_path} at {(base.commit_sha or '')[:12]}")
+    else:
+        peft_load = (f'base = AutoModelForCausalLM.from_pretrained("{base.name_or_path}")  # or a copy of it\n'
+                     'model = PeftModel.from_pretrained(base, "path/to/this/directory/adapter")')
+    return f"""# LoRA-ready {base.name_or_path}
 
-
-def model_card(manifest: dict) -> str:
-    base = manifest["base_model"]
-    lora = manifest["lora"]
-    params = manifest["parameters"]
-    plan = manifest.get("load_plan", {})
-    targets = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in lora["target_modules"]}))
-    return f"""# LoRA-ready {base['repo_id']}
-
-Adapter-ready artifact made by lora-prep on {manifest['created_at']}.
+Adapter-ready artifact made by lora-prep on {manifest.created_at}.
 
 | | |
 |---|---|
-| base model | `{base['repo_id']}` |
-| revision requested | `{base['revision']}` |
-| commit | `{base['commit_sha']}` |
-| dtype / attention / placement | {plan.get('dtype')} / {plan.get('attn_implementation')} / {plan.get('device_map')} |
-| LoRA | r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, init={lora['init_lora_weights']} |
-| target modules | {targets} ({len(lora['target_modules'])} layers) |
-| parameters | {params['total']:,} total, {params['trainable']:,} trainable ({100.0 * params['trainable'] / max(params['total'], 1):.3f}%) |
+| base model | `{base.name_or_path}` ({base.source}) |
+| revision requested | `{base.revision}` |
+| pinned to | {pinned} |
+| dtype / attention / placement | {plan.dtype} / {plan.attn_implementation} / {plan.device_map} |
+| LoRA | r={s.r}, alpha={s.alpha}, dropout={t.dropout}, init={s.init_lora_weights} |
+| targets | {leaves} ({len(t.target_modules)} modules){experts} |
+| parameters | {params.total:,} total, {params.trainable:,} trainable ({100.0 * params.trainable / max(params.total, 1):.3f}%) |
 
-The base weights are not in this directory: they are fetched at the commit
-above and checked against the sha256 list in `manifest.json`.
+The base weights are not in this directory: they are fetched as pinned above and checked
+against the sha256 list in `manifest.json`.
 
 ## Load it
 
 ```python
-from lora_prep.tasks.artifact_load import load_adapter_ready
+from lora_prep import load_adapter_ready
 
 model, tokenizer, manifest = load_adapter_ready("path/to/this/directory", trainable=True)
+```
+
+or with plain PEFT (`adapter_config.json` names the base and its revision):
+
+```python
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM
+
+{peft_load}
 ```
 
 or from the command line: `lora-prep load path/to/this/directory --json`.

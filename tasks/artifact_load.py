@@ -1,13 +1,14 @@
 """Load an adapter-ready artifact back: the API a training pipeline calls.
 
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep import load_adapter_ready
     ready = load_adapter_ready("~/.local/share/lora-prep/artifacts/<name>", trainable=True)
     model, tokenizer, manifest = ready          # unpacks like a tuple
 
 The reference is an artifact directory, ``runs:/<run id>[/artifact]`` or
 ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``). The base model
 is fetched at the manifest's commit through the download stage (a cache hit
-when present), its files must match the manifest's sha256 list, the recorded
+when present), or read from the local directory it was made from (``base=`` names
+a copy elsewhere); its files must match the manifest's sha256 list, the recorded
 load plan is re-applied (re-planned, and said so, when the hardware differs),
 and the adapter is attached.
 """
@@ -20,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_prep.tasks.artifact import read_manifest
+from lora_prep.tasks.manifest import Manifest, read_manifest
 from lora_prep.tasks.errors import IntegrityError, InvalidInput, RemoteCodeRefused
-from lora_prep.tasks.settings import LoadSettings, SourceSettings
+from lora_prep.tasks.settings import SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 class AdapterReady:
     model: Any
     tokenizer: Any
-    manifest: dict
+    manifest: Manifest
     artifact_dir: Path
     replanned: bool = False
     notes: list[str] = field(default_factory=list)
@@ -40,14 +41,17 @@ class AdapterReady:
         return iter((self.model, self.tokenizer, self.manifest))
 
     def summary(self) -> dict:
-        base = self.manifest["base_model"]
+        base = self.manifest.base_model
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         return {
             "artifact_dir": str(self.artifact_dir),
-            "repo_id": base["repo_id"],
-            "commit_sha": base["commit_sha"],
-            "target_modules": self.manifest["lora"]["target_modules"],
+            "base": base.name_or_path,
+            "source": base.source,
+            "commit_sha": base.commit_sha,
+            "content_digest": base.content_digest,
+            "target_modules": self.manifest.lora.targets.target_modules,
+            "target_parameters": self.manifest.lora.targets.target_parameters,
             "total_params": total,
             "trainable_params": trainable,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
@@ -58,7 +62,7 @@ class AdapterReady:
 
 def _local_dir(ref: str, tracking_uri: str | None) -> Path:
     if ref.startswith(("runs:/", "models:/")):
-        from lora_prep.tasks.tracking import download_reference
+        from lora_prep.tasks.registry import download_reference
 
         return download_reference(ref, Path(tempfile.mkdtemp(prefix="lora-prep-ref-")), tracking_uri)
     path = Path(ref).expanduser()
@@ -73,26 +77,48 @@ def _hardware_key(profile: dict) -> tuple:
     return (profile.get("cuda_available"), profile.get("mps_available"), gpus)
 
 
-def check_base_files(manifest: dict, snapshot) -> None:
+def check_base_files(manifest: Manifest, snapshot) -> None:
     """Refuse a base whose files differ from the ones the adapter was made on."""
-    expected = {f["path"]: f for f in manifest["base_model"]["files"]}
+    expected = {f.path: f for f in manifest.base_model.files}
     actual = {f.path: f for f in snapshot.files}
     problems = []
     for path, want in expected.items():
         got = actual.get(path)
         if got is None:
             problems.append(f"{path} missing")
-        elif want.get("sha256") and got.sha256 != want["sha256"]:
-            problems.append(f"{path} sha256 {got.sha256[:12]}... != manifest {want['sha256'][:12]}...")
-        elif got.size != want["size"]:
-            problems.append(f"{path} size {got.size} != manifest {want['size']}")
+        elif got.sha256 != want.sha256:
+            problems.append(f"{path} sha256 {got.sha256[:12]}... != manifest {want.sha256[:12]}...")
+        elif got.size != want.size:
+            problems.append(f"{path} size {got.size} != manifest {want.size}")
     if problems:
-        repo, sha = manifest["base_model"]["repo_id"], manifest["base_model"]["commit_sha"]
+        base = manifest.base_model
+        pin = (base.commit_sha or base.content_digest)[:12]
         raise IntegrityError(
-            f"base model {repo}@{sha[:12]} does not match the artifact's manifest: {'; '.join(problems)}; "
-            "the adapter was made on other weights: prepare the artifact again.",
-            repo_id=repo,
+            f"base model {base.name_or_path}@{pin} does not match the artifact's manifest: {'; '.join(problems)}; "
+            "the adapter was made on other weights: restore those files, or prepare the artifact again.",
+            base=base.name_or_path,
         )
+
+
+def _base_snapshot(manifest: Manifest, source: SourceSettings, base: str | Path | None):
+    """(RepoFacts, Snapshot) of the base: the Hub repo at its commit, or a local directory (the one recorded, or ``base``)."""
+    from lora_prep.tasks.download import download_snapshot, local_snapshot
+    from lora_prep.tasks.hf_env import get_token
+    from lora_prep.tasks.resolve import resolve_local_dir, resolve_repo
+
+    record = manifest.base_model
+    if base is not None or record.source == "local":
+        directory = str(Path(base or record.name_or_path).expanduser())
+        if not Path(directory).is_dir():
+            raise InvalidInput(
+                f"the base model directory {directory} does not exist here: pass base= (lora-prep load --base DIR) "
+                "pointing at a copy of it."
+            )
+        facts = resolve_local_dir(directory, record.revision if record.source == "local" else "local", source)
+        return facts, local_snapshot(facts)
+    token = get_token(source)
+    facts = resolve_repo(record.name_or_path, record.commit_sha, source, token=token)
+    return facts, download_snapshot(facts, source, token=token)
 
 
 def load_adapter_ready(
@@ -102,45 +128,44 @@ def load_adapter_ready(
     tracking_uri: str | None = None,
     source: SourceSettings | None = None,
     trust_remote_code: bool = False,
+    base: str | Path | None = None,
 ) -> AdapterReady:
+    """Load an artifact (directory, runs:/, models:/) as (model, tokenizer, manifest), adapter attached.
+
+    base: a local directory holding the base model (a copy of the one the artifact was made
+    from); its files must match the manifest.
+    """
     from peft import PeftModel
 
-    from lora_prep.tasks.download import download_snapshot
     from lora_prep.tasks.hardware import probe_hardware
-    from lora_prep.tasks.hub import get_token, resolve_repo
-    from lora_prep.tasks.load import load_model, load_tokenizer
-    from lora_prep.tasks.plan import LoadPlan, plan_for_repo
+    from lora_prep.tasks.load import load_model
+    from lora_prep.tasks.load_plan import plan_for_repo
+    from lora_prep.tasks.tokenizer import load_tokenizer
 
     artifact_dir = _local_dir(str(ref), tracking_uri)
     manifest = read_manifest(artifact_dir)
-    base = manifest["base_model"]
+    record = manifest.base_model
     source = source or SourceSettings()
-    token = get_token(source)
-
-    facts = resolve_repo(base["repo_id"], base["commit_sha"], source, token=token)
-    snapshot = download_snapshot(facts, source, token=token)
+    settings = manifest.load_settings
+    if settings.trust_remote_code and not trust_remote_code:
+        # An artifact (possibly fetched from a shared MLflow) must not switch remote code on by itself.
+        raise RemoteCodeRefused(
+            f"{record.name_or_path} runs its own code: read it, then pass trust_remote_code=True (lora-prep load --trust-remote-code).",
+            base=record.name_or_path,
+        )
+    facts, snapshot = _base_snapshot(manifest, source, base)
     check_base_files(manifest, snapshot)
 
     notes: list[str] = []
     profile = probe_hardware(source.cache_dir)
-    settings = LoadSettings.model_validate(manifest.get("load_settings") or {})
-    if settings.trust_remote_code and not trust_remote_code:
-        # An artifact (possibly fetched from a shared MLflow) must not switch remote code on by itself.
-        raise RemoteCodeRefused(
-            f"{base['repo_id']}@{base['commit_sha'][:12]} runs the repo's own code: read it, then pass "
-            "trust_remote_code=True (lora-prep load --trust-remote-code).",
-            repo_id=base["repo_id"],
-        )
-    recorded = {k: v for k, v in manifest["load_plan"].items() if k != "used"}
-    if _hardware_key(profile.model_dump(mode="json")) == _hardware_key(manifest.get("hardware") or {}):
-        plan = LoadPlan.model_validate(recorded)
-        replanned = False
+    if _hardware_key(profile.model_dump(mode="json")) == _hardware_key(manifest.hardware.model_dump(mode="json")):
+        plan, replanned = manifest.load_plan, False
     else:
-        plan = plan_for_repo(profile, facts, settings, base["commit_sha"])
+        plan = plan_for_repo(profile, facts, settings, record.revision if record.source == "local" else record.commit_sha)
         replanned = True
         notes.append(
             f"hardware differs from the machine that prepared the artifact: re-planned "
-            f"({recorded.get('dtype')}/{recorded.get('device_map')} -> {plan.dtype}/{plan.device_map})"
+            f"({manifest.load_plan.dtype}/{manifest.load_plan.device_map} -> {plan.dtype}/{plan.device_map})"
         )
         log.warning(notes[-1])
 

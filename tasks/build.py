@@ -1,29 +1,43 @@
-"""Stage 5: load the base model, wrap it with LoRA, save the artifact, in one task.
+"""Stage 5, build: load the base model, wrap it with LoRA, check it runs, save the artifact, in one task.
 
-The model and tokenizer live only inside this task: nothing Prefect hashes,
-caches or persists ever holds them (PITFALLS: a model passed between tasks is
-pickled to compute cache keys). The task returns a small record.
+The model and tokenizer live only inside this task: nothing Prefect hashes, caches or
+persists ever holds them (PITFALLS: a model passed between tasks is pickled to compute cache
+keys). The task returns a small record.
+
+The adapter is portable: ``adapter_config.json`` names the Hub repo id and the commit sha (or
+the local directory the user named), never the cache snapshot it was loaded from, so plain
+``AutoPeftModelForCausalLM.from_pretrained(<artifact>/adapter)`` works on any machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import resource
 import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
 
-from lora_prep.tasks.artifact import artifact_name, package_versions, model_card, utc_now, write_artifact
+from lora_prep.tasks.artifact import artifact_name, model_card, package_versions, utc_now, write_artifact
 from lora_prep.tasks.download import Snapshot
 from lora_prep.tasks.hardware import HardwareProfile
-from lora_prep.tasks.hub import RepoFacts
-from lora_prep.tasks.paths import default_artifacts_dir
-from lora_prep.tasks.plan import LoadPlan
+from lora_prep.tasks.manifest import (
+    AdapterRecord,
+    BaseModelRecord,
+    CheckRecord,
+    LoraRecord,
+    Manifest,
+    Parameters,
+    PrefectRecord,
+)
+from lora_prep.tasks.plan import Plan
+from lora_prep.tasks.resolve import RepoFacts
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings
+from lora_prep.tasks.verify import SnapshotFile
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +49,10 @@ class BuiltArtifact(BaseModel):
     total_params: int
     trainable_params: int
     target_modules: list[str]
+    target_parameters: list[str]
     adapter_bytes: int
-    load_report: dict
+    content_digest: str
+    check: CheckRecord
     peak_rss_bytes: int
     seconds: float
 
@@ -47,61 +63,100 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def save_adapter(peft_model, out_dir: Path, name_or_path: str, revision: str | None, *, save_embedding_layers: bool) -> None:
+    """PEFT's save_pretrained with a portable base: the repo id (or the user's directory) and the commit sha.
+
+    PEFT records the path the base was loaded from (a cache snapshot here) and revision None, and
+    its model card repeats the model's name_or_path (config._name_or_path, and a base_model:adapter:
+    tag); all are set for the save and restored. ``save_embedding_layers`` is decided by the
+    caller, so PEFT's "auto" never asks the Hub.
+    """
+    config = peft_model.peft_config["default"]
+    base = peft_model.get_base_model()
+    saved = (config.base_model_name_or_path, config.revision, base.config._name_or_path, base.name_or_path)
+    config.base_model_name_or_path, config.revision = name_or_path, revision
+    base.config._name_or_path = base.name_or_path = name_or_path
+    try:
+        peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=save_embedding_layers)
+    finally:
+        config.base_model_name_or_path, config.revision, base.config._name_or_path, base.name_or_path = saved
+
+
+def _files(root: Path) -> list[SnapshotFile]:
+    return [
+        SnapshotFile(path=str(p.relative_to(root.parent)), size=p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(root.rglob("*")) if p.is_file()
+    ]
+
+
 def build_adapter_ready(
     snapshot: Snapshot,
     facts: RepoFacts,
     profile: HardwareProfile,
-    plan: LoadPlan,
+    plan: Plan,
     load: LoadSettings,
     lora: LoraSettings,
     output: OutputSettings,
-    tracking_info: dict,
+    prefect: PrefectRecord = PrefectRecord(),
     allow_pickle: bool = False,
 ) -> BuiltArtifact:
+    from lora_prep.tasks.check import run_check, skipped
     from lora_prep.tasks.load import load_model
     from lora_prep.tasks.lora import wrap_lora
+    from lora_prep.tasks.tokenizer import save_tokenizer
 
     started = time.perf_counter()
-    loaded = load_model(snapshot.snapshot_dir, plan, load, allow_pickle=allow_pickle)
-    peft_model, report = wrap_lora(loaded.model, lora)
+    loaded = load_model(snapshot.snapshot_dir, plan.load, load, allow_pickle=allow_pickle)
+    peft_model, report = wrap_lora(loaded.model, lora, plan.targets, embeddings_resized=loaded.report.embeddings_resized)
+    check = run_check(peft_model, loaded.tokenizer) if output.check else skipped()
+    # What PEFT actually wrapped (a tied head also wraps its embedding), counted on the real model.
+    targets = plan.targets.model_copy(update={
+        "target_modules": report.target_modules, "trainable_params": report.trainable_params, "total_params": report.total_params,
+    })
 
-    def fill(tmp: Path) -> dict:
-        peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-        loaded.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        return {
-            "created_at": utc_now(),
-            "base_model": {
-                "repo_id": snapshot.repo_id,
+    def fill(tmp: Path) -> Manifest:
+        save_adapter(peft_model, tmp / "adapter", facts.repo_id, snapshot.commit_sha, save_embedding_layers=report.save_embedding_layers)
+        save_tokenizer(loaded.tokenizer, tmp / "tokenizer")
+        return Manifest(
+            created_at=utc_now(),
+            base_model=BaseModelRecord(
+                source=facts.source,
+                name_or_path=facts.repo_id,
                 # facts, not snapshot: a download-cache hit replays the record of another
                 # revision name (branch, tag, sha) of the same commit.
-                "revision": facts.revision,
-                "commit_sha": snapshot.commit_sha,
-                "files": [f.model_dump() for f in snapshot.files],
-                "offline": snapshot.offline,
-                "architecture": (facts.config.get("architectures") or [None])[0],
-                "model_type": facts.config.get("model_type"),
-            },
-            "hardware": profile.model_dump(mode="json"),
-            "load_settings": load.model_dump(mode="json"),
-            "load_plan": {**plan.model_dump(mode="json"), "used": loaded.report.model_dump(mode="json")},
-            "lora": {**lora.model_dump(mode="json"), "target_modules_requested": lora.target_modules, "target_modules": report.target_modules},
-            "parameters": {"total": report.total_params, "trainable": report.trainable_params},
-            "adapter": {"estimated_bytes": report.adapter_bytes, "warnings": report.warnings},
-            "versions": package_versions(),
-            "tracking": tracking_info,
-        }
+                revision=facts.revision,
+                commit_sha=snapshot.commit_sha,
+                content_digest=snapshot.content_digest,
+                files=snapshot.files,
+                offline=snapshot.offline,
+                architecture=(facts.config.get("architectures") or [None])[0],
+                model_type=facts.config.get("model_type"),
+            ),
+            hardware=profile.model_copy(update={"cache_dir": ""}),  # no path of this machine in the artifact
+            load_settings=load,
+            load_plan=plan.load,
+            load_used=loaded.report,
+            lora=LoraRecord(settings=lora, targets=targets),
+            parameters=Parameters(total=report.total_params, trainable=report.trainable_params),
+            adapter=AdapterRecord(estimated_bytes=report.adapter_bytes, save_embedding_layers=report.save_embedding_layers,
+                                  warnings=report.warnings, files=_files(tmp / "adapter")),
+            check=check,
+            versions=package_versions(),
+            prefect=prefect,
+        )
 
-    parent = Path(output.output_dir).expanduser() if output.output_dir else default_artifacts_dir()
-    name = output.name or artifact_name(snapshot.repo_id, snapshot.commit_sha)
-    artifact_dir = write_artifact(parent, name, fill, model_card)
+    name = output.name or artifact_name(facts.repo_id, snapshot.commit_sha or snapshot.content_digest)
+    artifact_dir = write_artifact(Path(plan.artifact_parent), name, fill, model_card)
     log.info("artifact written to %s", artifact_dir)
     return BuiltArtifact(
         artifact_dir=str(artifact_dir),
         total_params=report.total_params,
         trainable_params=report.trainable_params,
         target_modules=report.target_modules,
+        target_parameters=report.target_parameters,
         adapter_bytes=report.adapter_bytes,
-        load_report=loaded.report.model_dump(mode="json"),
+        content_digest=snapshot.content_digest,
+        check=check,
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.perf_counter() - started,
     )

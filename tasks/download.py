@@ -1,83 +1,61 @@
 """Stage 4, download: the selected files at the commit sha into the HF cache, verified once per blob.
 
-The HF cache is the store: ``snapshot_download`` (its file locks make two runs on one
-machine fetch each blob once; a cut-off stream resumes with a Range request) fills
-``snapshots/<sha>/`` with links to ``blobs/``. Then every selected file is verified:
+The HF cache is the store: ``snapshot_download`` (its file locks make two runs on one machine
+fetch each blob once) fills ``snapshots/<sha>/`` with links to ``blobs/``. Selected files are
+asked for by exact name (glob-escaped: ``allow_patterns`` are fnmatch patterns, and a file
+literally named ``*.model`` must not pull in ``original/huge.model``), inside ``guarded_hub()``
+so no server header becomes a path unchecked (tasks/hf_cache.py). Then every file is verified
+(tasks/verify.py); a mismatch deletes the blob and fetches it once more, a second mismatch is an
+``IntegrityError``. Orphaned partial downloads of killed runs are removed first.
 
-- LFS file: its blob is named by its sha256 (the Hub's ETag); hash the content and compare
-  with that name and with the tree's ``lfs.oid``.
-- small git file: size against the listing, and the git blob oid (sha1 of "blob <size>\\0" +
-  content) against the tree's oid, which is also the blob's name.
-
-A mismatch deletes the blob and its snapshot link and downloads the file once more; a
-second mismatch is an ``IntegrityError``. A verified blob gets a marker
-(``models--org--name/.lora-prep/verified/<blob>.json``: size, mtime, inode, sha256) so a
-warm run does not hash again; the marker lives inside the repo's cache folder, so
-``hf cache delete`` removes it with the blobs and ``hf cache scan`` ignores it.
+A local model directory is "downloaded" by hashing its selected files (markers under the
+lora-prep data directory make a warm run free); the Snapshot then carries a content digest
+in place of a commit sha.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import glob
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.utils import tqdm as hf_tqdm
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-from prefect.tasks import exponential_backoff
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_prep.tasks.errors import IntegrityError, NotEnoughDisk
-from lora_prep.tasks.hub import (
-    HubFile,
-    RepoFacts,
-    cache_dir_for,
-    get_token,
-    hub_errors,
-    is_offline,
-    record_ref,
-    repo_cache_dir,
-    retry_if_transient,
-    run_logger,
-)
+from lora_prep.tasks.hf_cache import clean_orphaned_downloads, guarded_hub, record_ref
+from lora_prep.tasks.hf_env import cache_dir_for, get_token, is_offline, repo_cache_dir
+from lora_prep.tasks.library_errors import hub_errors
+from lora_prep.tasks.logs import run_logger
+from lora_prep.tasks.paths import data_home
+from lora_prep.tasks.resolve import RepoFacts, content_digest
+from lora_prep.tasks.retry import NETWORK
 from lora_prep.tasks.settings import SourceSettings
+from lora_prep.tasks.verify import SnapshotFile, VerifyStats, discard, hash_local_file, locate, verify_file
 
 # Files downloaded in parallel; huggingface_hub's default for snapshot_download.
 DOWNLOAD_WORKERS = 8
-# Read size when hashing: 8 MiB keeps hashlib busy without holding much memory.
-HASH_CHUNK = 8 << 20
-MARKER_DIR = (".lora-prep", "verified")
 # Bumped when the cache key's meaning changes, so old Prefect cache records stop matching.
-CACHE_KEY_VERSION = "download@1"
+CACHE_KEY_VERSION = "download@2"
 
 
-class _Record(BaseModel):
+class Snapshot(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class SnapshotFile(_Record):
-    path: str
-    size: int = Field(ge=0, description="Bytes.")
-    sha256: str = Field(description="sha256 of the content (verified against the Hub for LFS files).")
-
-
-class Snapshot(_Record):
     repo_id: str
+    source: Literal["hub", "local"] = "hub"
     revision: str
-    commit_sha: str
-    snapshot_dir: str = Field(description="snapshots/<sha> in the HF cache: load from here.")
+    commit_sha: str | None = Field(description="The commit; None for a local directory.")
+    snapshot_dir: str = Field(description="snapshots/<sha> in the HF cache, or the local directory: load from here.")
     files: list[SnapshotFile]
+    content_digest: str = Field(description="sha256 over the selected files' (path, sha256): names these exact bytes.")
     bytes_transferred: int = Field(ge=0, description="File body bytes this call received from the Hub.")
     from_cache: bool = Field(description="True when this call received no file bodies.")
     offline: bool
@@ -108,6 +86,12 @@ def check_disk_space(
         )
 
 
+def missing_bytes(facts: RepoFacts, cache_dir: str) -> int:
+    """Bytes of the selected files whose blob is not in the cache yet (what a download must fetch)."""
+    blobs = repo_cache_dir(cache_dir, facts.repo_id) / "blobs"
+    return sum(f.size for f in (facts.file(p) for p in facts.selected) if not (blobs / f.blob_name).is_file())
+
+
 # --- counting bytes received -------------------------------------------------------------------
 
 # huggingface_hub's progress bars that advance by the bytes received from the network:
@@ -122,6 +106,8 @@ def _byte_counter() -> tuple[type, Callable[[], int]]:
     runs fetch the same model at once, the one that waited on huggingface_hub's file lock
     counts 0 (the cache grew for both). A resumed stream counts each byte once.
     """
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
     received = [0]
     lock = threading.Lock()
 
@@ -139,121 +125,7 @@ def _byte_counter() -> tuple[type, Callable[[], int]]:
     return CountingTqdm, lambda: received[0]
 
 
-# --- verification ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Blob:
-    pointer: Path  # snapshots/<sha>/<path>
-    blob: Path  # blobs/<name> (the pointer itself where symlinks are unsupported)
-
-
-def _locate(snapshot_dir: Path, path: str) -> _Blob | None:
-    pointer = snapshot_dir / path
-    if not pointer.is_file():  # missing, or a link to a deleted blob
-        return None
-    return _Blob(pointer, Path(os.path.realpath(pointer)))
-
-
-def _hash_file(path: Path, size: int, git: bool) -> tuple[str, str | None]:
-    """sha256 and (for small git files) the git blob oid, in one pass."""
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1(b"blob %d\0" % size) if git else None
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            sha256.update(chunk)
-            if sha1 is not None:
-                sha1.update(chunk)
-    return sha256.hexdigest(), sha1.hexdigest() if sha1 else None
-
-
-def _marker_path(storage: Path, blob_name: str) -> Path:
-    return storage.joinpath(*MARKER_DIR, f"{blob_name}.json")
-
-
-def _stamp(st: os.stat_result) -> dict:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-
-
-def _read_marker(marker: Path, st: os.stat_result) -> str | None:
-    """The recorded sha256 when the blob is unchanged since it was verified, else None."""
-    try:
-        data = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    if {k: data.get(k) for k in ("size", "mtime_ns", "ino")} != _stamp(st):
-        return None
-    return data.get("sha256")
-
-
-def _write_marker(marker: Path, st: os.stat_result, sha256: str) -> None:
-    """Temp sibling + os.replace: a concurrent reader sees the old marker or the new one."""
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({**_stamp(st), "sha256": sha256}))
-    os.replace(tmp, marker)
-
-
-@dataclass
-class VerifyStats:
-    """What verification cost one download_snapshot call (for benchmarks and logs)."""
-
-    files: int = 0  # files checked
-    hashed: int = 0  # of which hashed (no valid marker)
-    hashed_bytes: int = 0
-    hash_seconds: float = 0.0
-    seconds: float = 0.0  # the whole verification: stats, markers, hashing
-
-
-def verify_file(storage: Path, snapshot_dir: Path, hub_file: HubFile, stats: VerifyStats | None = None) -> SnapshotFile | None:
-    """SnapshotFile when the cached file matches the Hub's record, None when missing or wrong."""
-    located = _locate(snapshot_dir, hub_file.path)
-    if located is None:
-        return None
-    st = located.blob.stat()
-    if st.st_size != hub_file.size:
-        return None
-    linked = located.pointer.is_symlink()
-    if linked and hub_file.blob_name and located.blob.name != hub_file.blob_name:
-        return None  # the link points at another blob than the listing names
-    marker = _marker_path(storage, located.blob.name)
-    known = _read_marker(marker, st)
-    if known is not None:
-        return SnapshotFile(path=hub_file.path, size=st.st_size, sha256=known)
-    t0 = time.perf_counter()
-    is_lfs = hub_file.sha256 is not None
-    sha256, git_oid = _hash_file(located.blob, st.st_size, git=not is_lfs and bool(hub_file.blob_id))
-    if stats is not None:
-        stats.hashed += 1
-        stats.hashed_bytes += st.st_size
-        stats.hash_seconds += time.perf_counter() - t0
-    if is_lfs and sha256 != hub_file.sha256:
-        return None
-    if git_oid is not None and git_oid != hub_file.blob_id:
-        return None
-    if linked:  # markers are keyed by blob name; a copied file (no symlinks) is simply re-hashed
-        _write_marker(marker, st, sha256)
-    return SnapshotFile(path=hub_file.path, size=st.st_size, sha256=sha256)
-
-
-def _discard(storage: Path, snapshot_dir: Path, path: str) -> None:
-    """Delete a bad file's blob, its marker and its snapshot link, so huggingface_hub fetches it again."""
-    pointer = snapshot_dir / path
-    if pointer.is_symlink():
-        blob = Path(os.path.realpath(pointer))
-        _marker_path(storage, blob.name).unlink(missing_ok=True)
-        if blob.is_relative_to(storage / "blobs"):
-            blob.unlink(missing_ok=True)
-    pointer.unlink(missing_ok=True)
-
-
 # --- download ----------------------------------------------------------------------------------
-
-
-def missing_bytes(facts: RepoFacts, cache_dir: str) -> int:
-    """Bytes of the selected files whose blob is not in the cache yet (what a download must fetch)."""
-    blobs = repo_cache_dir(cache_dir, facts.repo_id) / "blobs"
-    return sum(f.size for f in (facts.file(p) for p in facts.selected) if not (blobs / f.blob_name).is_file())
 
 
 def download_snapshot(
@@ -268,23 +140,28 @@ def download_snapshot(
     Offline (facts.offline, source.offline or HF_HUB_OFFLINE) uses the cache only.
     stats: filled with what verification hashed (for benchmarks).
     """
+    stats = stats if stats is not None else VerifyStats()
+    if facts.is_local:
+        return local_snapshot(facts, stats=stats)
+    from huggingface_hub import hf_hub_download, snapshot_download
+
     t0 = time.monotonic()
     cache_dir = cache_dir_for(source)
     storage = repo_cache_dir(cache_dir, facts.repo_id)
     offline = facts.offline or is_offline(source)
     repo_id, sha = facts.repo_id, facts.commit_sha
     tqdm_class, received = _byte_counter()
-    stats = stats if stats is not None else VerifyStats()
 
     if not offline:
+        clean_orphaned_downloads(cache_dir, repo_id)
         check_disk_space(cache_dir, missing_bytes(facts, cache_dir), source.min_free_bytes)
-    with hub_errors(repo_id, facts.revision):
+    with guarded_hub(), hub_errors(repo_id, facts.revision):
         snapshot_dir = Path(
             snapshot_download(
                 repo_id,
                 revision=sha,
                 cache_dir=cache_dir,
-                allow_patterns=facts.selected,
+                allow_patterns=[glob.escape(p) for p in facts.selected],  # exact names, not patterns
                 local_files_only=offline,
                 token=token,
                 max_workers=DOWNLOAD_WORKERS,
@@ -309,7 +186,7 @@ def download_snapshot(
         if not bad:
             break
         for path in bad:
-            _discard(storage, snapshot_dir, path)
+            discard(storage, snapshot_dir, path)
         if attempt == 2 or offline:
             state = "does not match the Hub's sha256/size after a fresh download" if attempt == 2 else "is corrupt or missing in the HF cache"
             fix = (
@@ -317,31 +194,48 @@ def download_snapshot(
                 if offline
                 else "the Hub or a proxy serves other bytes than it lists; try later, or check HF_ENDPOINT."
             )
-            raise IntegrityError(
-                f"{repo_id}@{sha[:12]}: {', '.join(bad[:3])} {state}: {fix}",
-                repo_id=repo_id,
-                revision=facts.revision,
-            )
+            raise IntegrityError(f"{repo_id}@{sha[:12]}: {', '.join(bad[:3])} {state}: {fix}", repo_id=repo_id, revision=facts.revision)
         for path in bad:  # once more, from the Hub; huggingface_hub takes its file lock again
-            with hub_errors(repo_id, facts.revision, path):
+            with guarded_hub(), hub_errors(repo_id, facts.revision, path):
                 hf_hub_download(repo_id, path, revision=sha, cache_dir=cache_dir, token=token, tqdm_class=tqdm_class)
 
     if not offline:
         record_ref(cache_dir, repo_id, facts.revision, sha)
     transferred = received()
-    run_logger().info(
+    files = [verified[p] for p in facts.selected]
+    run_logger(__name__).info(
         "%s@%s: %d files in %s, %d bytes received, verified in %.3f s (%d hashed, %d bytes).",
         repo_id, sha[:12], len(verified), snapshot_dir, transferred, stats.seconds, stats.hashed, stats.hashed_bytes,
     )
     return Snapshot(
-        repo_id=repo_id,
-        revision=facts.revision,
-        commit_sha=sha,
-        snapshot_dir=str(snapshot_dir),
-        files=[verified[p] for p in facts.selected],
-        bytes_transferred=transferred,
-        from_cache=transferred == 0,
-        offline=offline,
+        repo_id=repo_id, revision=facts.revision, commit_sha=sha, snapshot_dir=str(snapshot_dir), files=files,
+        content_digest=content_digest([(f.path, f.sha256) for f in files]), bytes_transferred=transferred,
+        from_cache=transferred == 0, offline=offline, seconds=round(time.monotonic() - t0, 3),
+    )
+
+
+def local_marker_dir() -> Path:
+    """Where the sha256 of local model files is remembered (never inside the user's directory)."""
+    return data_home() / "local-digests"
+
+
+def local_snapshot(facts: RepoFacts, *, stats: VerifyStats | None = None) -> Snapshot:
+    """A local model directory as a Snapshot: each selected file hashed (or its marker read), and their digest."""
+    t0 = time.monotonic()
+    stats = stats if stats is not None else VerifyStats()
+    root = Path(facts.repo_id)
+    files = []
+    for path in facts.selected:
+        p = root / path
+        if not p.is_file() or p.stat().st_size != facts.file(path).size:
+            raise IntegrityError(f"{root}: {path} changed or disappeared since it was listed: run again once the directory is stable.")
+        stats.files += 1
+        files.append(SnapshotFile(path=path, size=p.stat().st_size, sha256=hash_local_file(local_marker_dir(), p, stats)))
+    digest = content_digest([(f.path, f.sha256) for f in files])
+    run_logger(__name__).info("%s: %d local files, content digest %s (%d hashed).", root, len(files), digest[:12], stats.hashed)
+    return Snapshot(
+        repo_id=facts.repo_id, source="local", revision=facts.revision, commit_sha=None, snapshot_dir=str(root),
+        files=files, content_digest=digest, bytes_transferred=0, from_cache=True, offline=False,
         seconds=round(time.monotonic() - t0, 3),
     )
 
@@ -354,7 +248,7 @@ def snapshot_state(facts: RepoFacts, cache_dir: str) -> list[tuple[str, int, int
     snapshot_dir = repo_cache_dir(cache_dir, facts.repo_id) / "snapshots" / facts.commit_sha
     state = []
     for path in facts.selected:
-        located = _locate(snapshot_dir, path)
+        located = locate(snapshot_dir, path)
         if located is None:
             return None
         st = located.blob.stat()
@@ -372,11 +266,14 @@ class SnapshotOnDisk(CachePolicy):
     the key before the task runs, so a cold run stores no record (a record under an
     "incomplete" key would later replay a dead path); the next run, on the complete snapshot,
     stores it and later runs are cache hits. A blob rewritten in place changes its identity,
-    so the key changes and the task verifies it again.
+    so the key changes and the task verifies it again. Local directories are never cached
+    here (their markers already make a warm run cheap).
     """
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         facts = RepoFacts.model_validate(inputs["facts"])
+        if facts.is_local:
+            return None
         source = SourceSettings.model_validate(inputs.get("source") or {})
         cache_dir = cache_dir_for(source)
         state = snapshot_state(facts, cache_dir)
@@ -388,13 +285,10 @@ class SnapshotOnDisk(CachePolicy):
 
 @task(
     name="download",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_if_transient,
     cache_policy=SnapshotOnDisk(),
     persist_result=True,  # the small Snapshot record only, never file contents
     timeout_seconds=12 * 3600,  # a 140 GB model at 30 MB/s takes 1.3 h; a stuck transfer still ends
+    **NETWORK.task_options(),
 )
 def download(facts: RepoFacts, source: SourceSettings = SourceSettings()) -> Snapshot:
     """download_snapshot with the token looked up here, so it is never a recorded task parameter."""

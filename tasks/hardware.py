@@ -1,7 +1,7 @@
 """Probe the machine once: a frozen, JSON-serializable HardwareProfile.
 
 ``probe_hardware`` is the only function in lora-prep that asks torch.cuda or
-torch.mps; every decision downstream (``tasks/plan.py``) reads the profile
+torch.mps; every decision downstream (``tasks/load_plan.py``) reads the profile
 instead, so plans can be tested on any machine with a synthetic profile. A
 CPU-only profile is a normal result, not an error.
 
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
+
+from lora_prep.tasks.units import format_bytes
 
 try:
     from prefect import task
@@ -67,7 +69,7 @@ class HardwareProfile(_Record):
     ram_total_bytes: int = Field(ge=0, description="RAM, capped by the cgroup (container) limit where there is one.")
     ram_available_bytes: int = Field(ge=0, description="RAM available without swapping, capped by the cgroup limit.")
     disk_free_bytes: int = Field(ge=0, description="Free disk at cache_dir, or at its nearest existing parent.")
-    cache_dir: str = Field(description="Hugging Face hub cache directory the disk figure refers to.")
+    cache_dir: str = Field(default="", description="Hugging Face hub cache directory the disk figure refers to (empty in an artifact's manifest: a path of the preparing machine).")
     torch_version: str | None = None
     cuda_available: bool = False
     cuda_devices: list[CudaDevice] = Field(default_factory=list)
@@ -85,14 +87,10 @@ class HardwareProfile(_Record):
 
 
 def default_cache_dir() -> str:
-    """The hub cache huggingface_hub would use, read now (its constants are frozen at its import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):  # legacy name, still honoured by huggingface_hub
-        return os.path.expanduser(os.environ["HUGGINGFACE_HUB_CACHE"])
-    xdg_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    hf_home = os.environ.get("HF_HOME") or os.path.join(xdg_cache, "huggingface")
-    return os.path.join(os.path.expanduser(hf_home), "hub")
+    """The hub cache huggingface_hub uses (tasks/hf_env.py: its own constants)."""
+    from lora_prep.tasks.hf_env import cache_dir_for
+
+    return cache_dir_for()
 
 
 def _disk_free(path: str) -> int:
@@ -226,13 +224,6 @@ probe = task(name="probe", cache_policy=NO_CACHE, retries=0, timeout_seconds=120
 
 
 # --- the human view (`lora-prep probe`) --------------------------------------
-
-
-def format_bytes(n: int | float) -> str:
-    """GiB with 2 decimals from 1 GiB up, MiB below (so a 1MB budget does not print as 0.00 GiB)."""
-    if abs(n) >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.2f} MiB"
 
 
 def _package_line(check: PackageCheck) -> str:

@@ -16,7 +16,6 @@ pad token has to be added (see ``docs/PADDING.md``).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,21 +24,13 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lora_prep.tasks.errors import EntryNotFound, InvalidInput, PickleRefused, RemoteCodeRefused
-from lora_prep.tasks.plan import LoadPlan
+from lora_prep.tasks.errors import InvalidInput
+from lora_prep.tasks.tokenizer import check_remote_code, fit_embeddings_to_tokenizer, load_tokenizer, weights_format
+from lora_prep.tasks.load_plan import LoadPlan
 from lora_prep.tasks.settings import LoadSettings
 
 log = logging.getLogger(__name__)
 
-# A pad token added to the vocabulary (only when no usable one exists; see choose_pad_token).
-NEW_PAD_TOKEN = "<|pad|>"
-# Tokens that real vocabularies reserve for padding but whose tokenizer config often leaves
-# pad_token unset: Llama 3.1 <|finetune_right_pad_id|>, GPT-NeoX/Pythia <|padding|>,
-# SentencePiece and T5 <pad>, BERT-style [PAD]. Never produced from text, so safe to pad with.
-KNOWN_PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|padding|>", "[PAD]")
-# Grow the embedding matrix to a multiple of 64 rows when a pad token is added: a vocab such as
-# 32001 rows makes the output-head matmul miss tensor-core tile sizes on GPUs (multiples of 8-64).
-EMBEDDING_ROWS_MULTIPLE = 64
 # transformers' attention checks (modeling_utils.py). A ValueError / ImportError raised inside
 # one of these means "this attention kernel cannot be used here"; any other ValueError from
 # from_pretrained (a bad config, a missing tensor) is not an attention problem and is not retried.
@@ -89,120 +80,6 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     report: LoadReport
-
-
-# --- safety checks on the snapshot ----------------------------------------------------
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def check_remote_code(snapshot: Path, trusted: bool) -> None:
-    """Refuse a snapshot that ships its own code unless the plan trusts it (the planner already refused; this is defence in depth)."""
-    shipping = [name for name in ("config.json", "tokenizer_config.json") if _read_json(snapshot / name).get("auto_map")]
-    if shipping and not trusted:
-        raise RemoteCodeRefused(
-            f"{snapshot} ships its own Python code ({', '.join(shipping)} has auto_map) and the load plan does not trust it: "
-            "read that code, then plan again with --trust-remote-code and --revision <full commit sha>",
-            snapshot_dir=str(snapshot),
-        )
-
-
-def weights_format(snapshot: Path, allow_pickle: bool) -> bool:
-    """True to load safetensors only; False for a pickle-only snapshot that the caller allows. Raises otherwise."""
-    if any(snapshot.glob("*.safetensors")):
-        return True
-    if any(snapshot.glob("pytorch_model*.bin")):
-        if allow_pickle:
-            return False
-        raise PickleRefused(
-            f"{snapshot} holds only pickle weights (pytorch_model*.bin), which can run code when loaded: "
-            "allow them with --allow-pickle (source.allow_pickle=true) for a repo you trust",
-            snapshot_dir=str(snapshot),
-        )
-    raise EntryNotFound(
-        f"{snapshot} has no model weights (*.safetensors or pytorch_model*.bin): download the snapshot again",
-        snapshot_dir=str(snapshot),
-    )
-
-
-# --- tokenizer and pad token --------------------------------------------------------
-
-
-def choose_pad_token(tokenizer) -> tuple[str, str]:
-    """(pad token, why). Why this order: docs/PADDING.md.
-
-    1. the tokenizer's own pad token, unless it is eos (a collator that masks pad ids in the
-       labels would then mask every eos too, and the model never learns to stop);
-    2. a token the vocabulary reserves for padding (KNOWN_PAD_TOKENS);
-    3. unk, when it is a token of its own (not eos/bos): byte-level and byte-fallback tokenizers
-       never emit it, so masking it costs nothing and the embeddings stay as trained;
-    4. a new NEW_PAD_TOKEN, which grows the embeddings when the matrix has no spare row.
-    """
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    reserved = {i for i in (eos, bos) if i is not None}
-    note = ""
-    if tokenizer.pad_token is not None:
-        if tokenizer.pad_token_id not in reserved:
-            return tokenizer.pad_token, f"existing: the tokenizer's own pad token {tokenizer.pad_token!r} (id {tokenizer.pad_token_id})"
-        note = f"; replaced the tokenizer's pad {tokenizer.pad_token!r}, which is also eos/bos (masking pad labels would mask eos, so the model would not learn to stop)"
-    vocab = tokenizer.get_vocab()
-    for token in KNOWN_PAD_TOKENS:
-        if token in vocab and vocab[token] not in reserved:
-            return token, f"reserved: {token!r} (id {vocab[token]}) is in the vocabulary for padding; no new token, embeddings unchanged{note}"
-    unk = tokenizer.unk_token
-    if unk is not None and tokenizer.unk_token_id not in reserved:
-        return unk, (
-            f"unk: reused {unk!r} (id {tokenizer.unk_token_id}), distinct from eos; no new token, embeddings unchanged; "
-            f"pad positions are masked by attention_mask and in labels{note}"
-        )
-    return NEW_PAD_TOKEN, (
-        f"added: {NEW_PAD_TOKEN!r}, because the tokenizer has no pad, no reserved pad and no unk distinct from eos "
-        f"(padding with eos would stop the model learning to end){note}"
-    )
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> tuple[Any, str]:
-    """Load the tokenizer from a local snapshot and make sure it has a pad token distinct from eos.
-
-    Returns (tokenizer, pad_token_strategy). When the strategy starts with "added", the model's
-    embeddings must grow to ``len(tokenizer)`` (load_model does that).
-    """
-    from transformers import AutoTokenizer
-
-    check_remote_code(Path(path), trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    pad, strategy = choose_pad_token(tokenizer)
-    if pad == NEW_PAD_TOKEN:
-        tokenizer.add_special_tokens({"pad_token": pad})
-    else:
-        tokenizer.pad_token = pad
-    return tokenizer, strategy
-
-
-def _fit_embeddings_to_tokenizer(model, tokenizer) -> bool:
-    """Grow the embeddings when the tokenizer has more ids than rows; new rows = mean of the old ones.
-
-    Mean rows (Hewitt, "Initializing new word embeddings", 2021) keep the new token's logit at the
-    average, so it cannot dominate generation. transformers' mean_resizing also samples from the
-    rows' covariance, which costs vocab x hidden^2 flops (5e11 for a 32k x 4096 matrix, tens of
-    seconds on CPU) for no benefit to a single pad token, so it is off and the mean is set here.
-    """
-    import torch
-
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= rows:
-        return False  # the matrix already has a spare row for the new id (vocabularies padded to x64, e.g. Qwen)
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_ROWS_MULTIPLE, mean_resizing=False)
-    with torch.no_grad():
-        for embedding in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
-            weight = embedding.weight
-            weight[rows:] = weight[:rows].mean(dim=0, keepdim=True)
-    return True
 
 
 # --- model -----------------------------------------------------------------------------
@@ -351,7 +228,7 @@ def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, all
         kwargs["quantization_config"] = quantization_config
     model, tried = _from_pretrained(str(snapshot), plan, kwargs)
 
-    resized = _fit_embeddings_to_tokenizer(model, tokenizer)
+    resized = fit_embeddings_to_tokenizer(model, tokenizer)
     if resized:
         strategy += f"; embeddings grown to {model.get_input_embeddings().weight.shape[0]} rows (new rows = mean of the old)"
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,6 +1,6 @@
 """What the planner knows about a model, before any weight is downloaded.
 
-``ModelFacts`` comes from config.json and the safetensors headers (tasks/hub.py's
+``ModelFacts`` comes from config.json and the safetensors headers (tasks/resolve.py's
 RepoFacts). Building it is the one impure step of planning: it reads
 transformers' class flags (``_supports_sdpa``, ``_supports_flash_attn``)
 without instantiating anything, so ``plan_load`` itself needs no transformers.
@@ -9,7 +9,7 @@ without instantiating anything, so ``plan_load`` itself needs no transformers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -46,8 +46,10 @@ def _text_config(config: dict) -> dict:
 class ModelFacts(_Record):
     """What the plan needs to know about a model, from config.json and safetensors headers only."""
 
-    repo_id: str
-    commit_sha: str
+    repo_id: str = Field(description="Hub id, or the absolute path of a local model directory.")
+    commit_sha: str | None = Field(default=None, description="The commit; None for a local directory.")
+    source: Literal["hub", "local"] = "hub"
+    code_digest: str | None = Field(default=None, description="sha256 of the model's own *.py files (local directories pin remote code by it).")
     architecture: str | None = Field(default=None, description="config architectures[0], e.g. LlamaForCausalLM.")
     model_type: str | None = None
     param_count: int = Field(ge=0, description="Parameters: exact from safetensors headers, else estimated from bytes.")
@@ -86,13 +88,15 @@ class ModelFacts(_Record):
     def from_config(
         cls,
         repo_id: str,
-        commit_sha: str,
+        commit_sha: str | None,
         config: dict,
         param_count: int | None,
         stored_dtypes: dict[str, int] | None,
         weight_bytes: int,
         *,
         look_up_attention: bool = True,
+        source: str = "hub",
+        code_digest: str | None = None,
     ) -> "ModelFacts":
         text = _text_config(config)
         architectures = config.get("architectures") or []
@@ -107,6 +111,8 @@ class ModelFacts(_Record):
         facts = cls(
             repo_id=repo_id,
             commit_sha=commit_sha,
+            source=source,
+            code_digest=code_digest,
             architecture=architecture,
             model_type=config.get("model_type"),
             param_count=param_count,
@@ -123,16 +129,16 @@ class ModelFacts(_Record):
 
     @classmethod
     def from_repo_facts(cls, facts: Any, **kwargs: Any) -> "ModelFacts":
-        """From tasks/hub.py's RepoFacts (repo_id, commit_sha, config, param_count, stored_dtypes, weight_bytes)."""
+        """From tasks/resolve.py's RepoFacts (repo_id, commit_sha, config, param_count, stored_dtypes, weight_bytes)."""
         return cls.from_config(
             facts.repo_id, facts.commit_sha, facts.config or {}, facts.param_count, facts.stored_dtypes,
-            facts.weight_bytes, **kwargs,
+            facts.weight_bytes, source=facts.source, code_digest=facts.code_digest, **kwargs,
         )  # fmt: skip
 
     @classmethod
     def from_local_dir(cls, model_dir: Path, repo_id: str, commit_sha: str) -> "ModelFacts":
         """From a model directory on disk (benchmarks, tests): config.json plus the safetensors headers,
-        read with huggingface_hub's own parser as tasks/hub.py does for cached files. A pickle-only
+        read with huggingface_hub's own parser as tasks/resolve.py does for cached files. A pickle-only
         directory has no headers: the parameter count is then estimated from the weight bytes."""
         import json
 

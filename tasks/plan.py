@@ -1,519 +1,109 @@
-"""Plan how to load a model on this machine, before any weight is downloaded.
+"""Stage 3, plan: everything decided before a weight moves, and every bad input refused here.
 
-``plan_load(profile, facts, settings, requested_revision) -> LoadPlan`` is
-pure: it reads a HardwareProfile (tasks/hardware.py) and ModelFacts (config
-and safetensors headers) and returns every decision with a one-line reason, or
-raises one typed error listing every problem at once. It never imports torch,
-so it is tested on any machine with synthetic profiles.
+1. the load plan (tasks/load_plan.py): dtype, attention, placement, quantization, fit;
+2. the LoRA targets on the model's skeleton (tasks/targets.py): exact module and expert-parameter
+   names, exclusions with reasons, dropout, trainable parameters;
+3. the artifact's parent directory: a directory that can be created and written.
 
-ModelFacts (tasks/model_facts.py) is what it knows about the model.
+The problems of all three are reported together, in one error. A model that does not fit is
+refused after the settings are known to be valid (a capacity refusal, with numbers).
 """
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
-from typing import Any, Literal, Union
+from pathlib import Path
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-try:
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-except ImportError:  # the GPU check machine (bench/gpu_check.sh) has torch but no prefect
-    NO_CACHE = None
-
-    def task(**_options):
-        return lambda fn: fn
-
+from lora_prep.tasks.anatomy import skeleton
+from lora_prep.tasks.artifact import check_output_dir
 from lora_prep.tasks.errors import DoesNotFit, InvalidInput, LoraPrepError, RemoteCodeRefused
-from lora_prep.tasks.hardware import HardwareProfile, format_bytes
-from lora_prep.tasks.model_facts import ModelFacts, attention_support  # noqa: F401  (attention_support re-exported)
-from lora_prep.tasks.settings import LoadSettings, is_full_sha
-
-# --- sizes and margins ---------------------------------------------------------
-
-MiB = 2**20
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# bitsandbytes bytes per quantized (linear-layer) parameter:
-#   4bit NF4: 0.5 B + one fp32 absmax per 64-weight block = 0.5 + 4/64 = 0.5625 B. Without double
-#     quantization, so an upper bound: tasks/load.py double-quantizes the absmax (~0.52 B per weight).
-#   8bit LLM.int8: 1 B + one fp32 scale per output row (< 0.1% at hidden >= 1024, left to the margin)
-QUANT_BYTES_PER_PARAM = {"4bit": 0.5625, "8bit": 1.0}
-# Margin on top of the weights, per placement:
-#   10% of the weight bytes: the LoRA adapter (PEFT keeps A/B in fp32: r=64 on every linear layer of a
-#     7B model is ~160M params = 0.64 GB, ~5% of its bf16 weights), allocator fragmentation, and the
-#     one-shard staging buffer of a load with a dtype change;
-#   512 MiB per device: a CUDA context with cuBLAS workspace takes 300-500 MiB in a fresh process; on CPU
-#     it stands for the torch/transformers runtime itself, which dominates for small models.
-# This is a load-and-wrap budget: training activations and optimizer state come on top, set by the batch.
-MARGIN_FRACTION = 0.10
-MARGIN_FIXED_BYTES = 512 * MiB
-# Fallback when transformers' class flags are unknown (ModelFacts built without the lookup): model types
-# whose transformers 5.24 causal-LM class reports _supports_sdpa = False.
-NO_SDPA_MODEL_TYPES = frozenset(
-    {"bloom", "gpt_neo", "mpt", "xglm", "openai-gpt", "rwkv", "mamba", "mamba2", "falcon_mamba", "reformer",
-     "xlnet", "gemma2", "gpt_oss", "big_bird", "bigbird_pegasus", "prophetnet", "git", "trocr", "xlm"}
-)  # fmt: skip
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+from lora_prep.tasks.hardware import HardwareProfile
+from lora_prep.tasks.load_plan import LoadPlan, plan_for_repo
+from lora_prep.tasks.resolve import RepoFacts
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
+from lora_prep.tasks.targets import TargetPlan, plan_targets
 
 
-def parse_size(text: str | int) -> int:
-    """'20GiB' -> bytes. KB/MB/GB are decimal and KiB/MiB/GiB binary, as accelerate reads them."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise InvalidInput(f"memory size {text!r} is not a size: use e.g. '20GiB' or '512MB'.")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+class Plan(BaseModel):
+    """The plan stage's result: small JSON, read by build, the manifest and `lora-prep plan`."""
 
-
-class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-# --- the plan ------------------------------------------------------------------
-
-PlanDtype = Literal["bfloat16", "float16", "float32"]
-
-
-class LoadPlan(_Record):
-    """How tasks/load.py loads the model, with the reason for each choice. JSON in, JSON out."""
-
-    dtype: PlanDtype
-    attn_implementation: Literal["flash_attention_2", "sdpa", "eager"]
-    attn_fallbacks: list[str] = Field(
-        default_factory=list, description="Try these in order if the planned attention fails at load; empty when chosen explicitly."
-    )
-    device_map: Union[str, dict[str, Union[int, str]]] = Field(description='"cpu", "mps", "cuda:N", "auto" or a module map.')
-    max_memory: dict[str, int] | None = Field(default=None, description="Bytes per device for accelerate; GPU keys are indices as strings.")
-    quantization: Literal["none", "4bit", "8bit"] = "none"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    target_device: str = Field(description='"cpu", "cuda:N", "auto" (several devices) or "mps".')
-    estimate_bytes: int = Field(description="Weights in the planned dtype / quantization.")
-    overhead_bytes: int = Field(description="Margin: 10% of the weights + 512 MiB per device.")
-    available_bytes: int = Field(description="Memory the placement may use: min(free, load.max_memory) summed over devices.")
-    fits: bool
-    reasons: dict[str, str] = Field(description="One line per decision: dtype, attn, placement, quantization, fit, ...")
+    load: LoadPlan
+    targets: TargetPlan
+    artifact_parent: str = Field(description="Where the artifact directory will be created (checked writable).")
 
 
-def weights_bytes(facts: ModelFacts, dtype: str, quantization: str = "none") -> int:
-    """Bytes of the weights once loaded in ``dtype``; embeddings stay in ``dtype`` under bitsandbytes."""
-    if quantization == "none":
-        return facts.param_count * DTYPE_BYTES[dtype]
-    kept = facts.embedding_params
-    return math.ceil((facts.param_count - kept) * QUANT_BYTES_PER_PARAM[quantization]) + kept * DTYPE_BYTES[dtype]
+def _code_dir(facts: RepoFacts, source: SourceSettings) -> str:
+    """A directory holding config.json and the repo's *.py files, to build a trusted remote-code skeleton."""
+    if facts.is_local:
+        return facts.repo_id
+    from huggingface_hub import hf_hub_download
+
+    from lora_prep.tasks.hf_cache import guarded_hub
+    from lora_prep.tasks.hf_env import cache_dir_for, get_token
+    from lora_prep.tasks.library_errors import hub_errors
+
+    code = ["config.json", *[p for p in facts.selected if p.endswith(".py")]]
+    path = None
+    for name in code:  # small files; the download stage finds them cached
+        with guarded_hub(), hub_errors(facts.repo_id, facts.revision, name):
+            path = hf_hub_download(facts.repo_id, name, revision=facts.commit_sha, cache_dir=cache_dir_for(source),
+                                   token=get_token(source), local_files_only=facts.offline)
+    return str(Path(path).parent)
 
 
-def overhead_bytes(weights: int, devices: int = 1) -> int:
-    return int(weights * MARGIN_FRACTION) + MARGIN_FIXED_BYTES * devices
-
-
-@dataclass(frozen=True)
-class _Target:
-    """Where the user (or auto) wants the model, before the fit check picks the GPUs."""
-
-    kind: Literal["cpu", "cuda", "mps", "map"]
-    gpus: tuple[int, ...] = ()  # candidate CUDA indices
-    explicit: bool = False  # load.device_map named the device(s)
-
-
-class _Problems:
-    """Every problem found, reported together as one error of the most specific kind."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[type[LoraPrepError], str]] = []
-
-    def add(self, kind: type[LoraPrepError], message: str) -> None:
-        self.items.append((kind, message))
-
-    def raise_if_any(self, **context: object) -> None:
-        if not self.items:
-            return
-        kinds = {kind for kind, _ in self.items}
-        # Remote-code refusals are the security-relevant kind: callers that catch them must see them.
-        kind = RemoteCodeRefused if RemoteCodeRefused in kinds else next(iter(kinds)) if len(kinds) == 1 else InvalidInput
-        raise kind("; ".join(message for _, message in self.items), problems=[m for _, m in self.items], **context)
-
-
-def _gpu_name(profile: HardwareProfile, index: int) -> str:
-    return f"cuda:{index} ({profile.cuda_devices[index].name})"
-
-
-def _device_key(device: int | str) -> str | None:
-    """A device_map value as a budget key: 0 / "0" / "cuda:0" -> "0"; "cuda" -> "0"; cpu, mps, disk as is."""
-    text = str(device)
-    if text.isdigit():
-        return text
-    if text == "cuda":
-        return "0"
-    if re.match(r"^cuda:\d+$", text):
-        return text[5:]
-    return text if text in ("cpu", "mps", "disk") else None
-
-
-def _resolve_target(profile: HardwareProfile, settings: LoadSettings, problems: _Problems) -> _Target:
-    dm = settings.device_map
-    n = len(profile.cuda_devices) if profile.cuda_available else 0
-    no_cuda = f"this machine has no CUDA device (torch {profile.torch_version} sees none)"
-    if isinstance(dm, dict):
-        gpus: set[int] = set()
-        for module, device in dm.items():
-            key = _device_key(device)
-            if key is None:
-                problems.add(
-                    InvalidInput,
-                    f"load.device_map[{module!r}]={device!r} is not a device: use a GPU index, cuda:N, cpu, mps or disk",
-                )
-            elif key.isdigit():
-                if int(key) >= n:
-                    have = f"this machine has {n} CUDA device(s)" if n else no_cuda
-                    fix = f"an index below {n}" if n else "cpu"
-                    problems.add(InvalidInput, f"load.device_map[{module!r}]={device!r} but {have}: use {fix}")
-                gpus.add(int(key))
-            elif key == "mps" and not profile.mps_available:
-                problems.add(InvalidInput, f"load.device_map[{module!r}]='mps' but MPS is not available here: use cpu")
-        return _Target("map", tuple(sorted(gpus)), explicit=True)
-    if dm == "auto":
-        if n:
-            return _Target("cuda", tuple(range(n)))
-        return _Target("mps") if profile.mps_available else _Target("cpu")
-    if dm == "cpu":
-        return _Target("cpu", explicit=True)
-    if dm == "mps":
-        if not profile.mps_available:
-            problems.add(InvalidInput, "load.device_map='mps' but MPS is not available on this machine: use device_map=auto or cpu")
-        return _Target("mps", explicit=True)
-    index = 0 if dm == "cuda" else int(dm.split(":")[1])
-    if not n:
-        problems.add(InvalidInput, f"load.device_map={dm!r} but {no_cuda}: use device_map=auto or cpu")
-    elif index >= n:
-        problems.add(
-            InvalidInput,
-            f"load.device_map={dm!r} but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1}): use one of those or auto",
-        )
-    return _Target("cuda", (index,), explicit=True)
-
-
-def _budgets(profile: HardwareProfile, max_memory: dict[str, int]) -> dict[str, int]:
-    """Memory each device may use: min(what is free now, load.max_memory)."""
-    unlimited = float("inf")
-    budgets = {"cpu": profile.ram_available_bytes, "mps": profile.ram_available_bytes, "disk": profile.disk_free_bytes}
-    budgets.update({str(d.index): d.free_memory_bytes for d in profile.cuda_devices})
-    return {k: int(min(v, max_memory.get(k, unlimited))) for k, v in budgets.items()}
-
-
-def _choose_dtype(profile, facts, settings, target, budgets, problems) -> tuple[str, str]:
-    stored = facts.main_stored_dtype or (facts.config_dtype and f"{facts.config_dtype} (config)") or "unknown dtype"
-    gpus = [profile.cuda_devices[i] for i in target.gpus if i < len(profile.cuda_devices)]
-    no_bf16 = [d for d in gpus if not d.bf16]
-    if settings.dtype != "auto":
-        dtype = settings.dtype
-        if dtype == "bfloat16" and no_bf16:
-            d = no_bf16[0]
-            problems.add(
-                InvalidInput,
-                f"load.dtype='bfloat16' but cuda:{d.index} ({d.name}) has compute capability {d.capability} < 8.0 "
-                "(no native bf16): use float16 or auto",
-            )
-        note = {
-            ("cpu", "float16"): " (float16 on CPU is slow and some ops lack kernels)",
-            ("mps", "bfloat16"): " (bfloat16 on MPS needs macOS 14 or later)",
-        }.get((target.kind, dtype), "")
-        return dtype, f"{dtype}: set by load.dtype{note}; weights stored as {stored}"
-    if gpus:
-        if no_bf16:
-            d = no_bf16[0]
-            why = f"cuda:{d.index} ({d.name}) has compute capability {d.capability} < 8.0, no native bfloat16"
-            return "float16", f"float16: {why}; weights stored as {stored}"
-        why = "native on every GPU used (compute capability >= 8.0), half the memory of float32"
-        return "bfloat16", f"bfloat16: {why}; weights stored as {stored}"
-    if target.kind == "mps":
-        # bf16 on MPS needs macOS 14+; fp16 works on every Apple GPU torch supports. Kept simple on purpose.
-        return "float16", f"float16: Apple MPS (bfloat16 only on recent macOS, not probed); weights stored as {stored}"
-    # CPU: float32, the safe default for correctness: bf16 matmuls are slow on x86 without AMX/AVX512-BF16
-    # and fp16 is slower still, and CPU training wants fp32 accumulation anyway. Kept even on CPUs with
-    # bf16 instructions, so the same settings give the same artifact on every CPU machine. One exception:
-    # when float32 would not fit in RAM but bf16 does, bf16 keeps the model loadable at the cost of speed.
-    need32 = weights_bytes(facts, "float32") + overhead_bytes(weights_bytes(facts, "float32"))
-    need16 = weights_bytes(facts, "bfloat16") + overhead_bytes(weights_bytes(facts, "bfloat16"))
-    if need32 > budgets["cpu"] >= need16:
-        return "bfloat16", (
-            f"bfloat16: float32 would need {format_bytes(need32)} but the CPU has {format_bytes(budgets['cpu'])}; "
-            f"bfloat16 fits ({format_bytes(need16)}) at the cost of slower CPU matmuls; weights stored as {stored}"
-        )
-    upcast = " (upcast: 2x the stored bytes)" if facts.main_stored_dtype in ("BF16", "F16") else ""
-    hint = "; this CPU has bf16 instructions: set dtype=bfloat16 to halve memory" if profile.cpu_bf16_native else ""
-    return "float32", (
-        f"float32: CPU, the safe choice (bf16 matmuls are slow without AMX/AVX512-BF16, fp16 slower still); "
-        f"weights stored as {stored}{upcast}{hint}"
-    )
-
-
-def _choose_quantization(profile, settings, target, problems) -> str:
-    q = settings.quantization
-    if q == "none":
-        return "none: full-precision weights in the planned dtype"
-    blockers = []
-    if not (profile.cuda_available and profile.cuda_devices):
-        blockers.append("this machine has no CUDA device")
-    elif target.kind in ("cpu", "mps"):
-        blockers.append(f"the model is placed on {target.kind} (load.device_map={settings.device_map!r})")
-    bnb = profile.bitsandbytes
-    if not bnb.installed:
-        blockers.append("bitsandbytes is not installed (install the gpu extra: pip install 'lora-prep[gpu]')")
-    elif not bnb.importable:
-        blockers.append(f"bitsandbytes {bnb.version} does not import ({bnb.error}): reinstall it for this CUDA")
-    if blockers:
-        problems.add(
-            InvalidInput,
-            f"load.quantization={q!r} needs CUDA and bitsandbytes, but {' and '.join(blockers)}: use quantization=none",
-        )
-    bytes_per = QUANT_BYTES_PER_PARAM[q]
-    return f"{q}: bitsandbytes, {bytes_per} B per linear-layer weight; embeddings stay in the compute dtype"
-
-
-def _sdpa_status(facts: ModelFacts) -> bool | None:
-    """True/False when known (transformers' flag or the explicit table), None for unknown remote code."""
-    if facts.supports_sdpa is not None:
-        return facts.supports_sdpa
-    if facts.remote_code:
-        return None
-    return facts.model_type not in NO_SDPA_MODEL_TYPES
-
-
-def _choose_attn(profile, facts, settings, target, dtype, problems) -> tuple[str, list[str], str]:
-    gpus = [profile.cuda_devices[i] for i in target.gpus if i < len(profile.cuda_devices)]
-    flash_blockers = []
-    if not gpus:
-        flash_blockers.append(
-            "this machine has no CUDA GPU" if target.kind == "cuda" else f"it needs a CUDA GPU and the model is placed on {target.kind}"
-        )
-    if not profile.flash_attn.installed:
-        flash_blockers.append("flash-attn is not installed (pip install flash-attn --no-build-isolation)")
-    elif not profile.flash_attn.importable:
-        flash_blockers.append(f"flash-attn {profile.flash_attn.version} does not import ({profile.flash_attn.error})")
-    for d in gpus:
-        if d.capability_tuple < (8, 0):
-            flash_blockers.append(f"cuda:{d.index} ({d.name}) has compute capability {d.capability} < 8.0")
-    if dtype == "float32":
-        flash_blockers.append("it needs float16 or bfloat16 and the dtype is float32")
-    if facts.supports_flash_attn is False:
-        flash_blockers.append(f"{facts.architecture} does not support it in transformers")
-    sdpa = _sdpa_status(facts)
-    what = facts.architecture or facts.model_type or "this model"
-
-    requested = settings.attn_implementation
-    if requested == "flash_attention_2":
-        if flash_blockers:
-            problems.add(
-                InvalidInput,
-                f"load.attn_implementation='flash_attention_2' cannot work here: {', '.join(flash_blockers)}: "
-                "use sdpa, eager or auto",
-            )
-        return requested, [], "flash_attention_2: set by load.attn_implementation (no fallback: an explicit choice fails loudly)"
-    if requested == "sdpa":
-        if sdpa is False:
-            problems.add(
-                InvalidInput,
-                f"load.attn_implementation='sdpa' but {what} does not support sdpa in transformers: use eager or auto",
-            )
-        return requested, [], "sdpa: set by load.attn_implementation (no fallback: an explicit choice fails loudly)"
-    if requested == "eager":
-        return requested, [], "eager: set by load.attn_implementation"
-
-    if facts.remote_code:
-        why = "the repo's own code decides which kernels it supports; eager is the one every model has"
-        return "eager", [], f"eager: {why} (set load.attn_implementation to override)"
-    if not flash_blockers:
-        chain = ["sdpa", "eager"] if sdpa else ["eager"]
-        why = f"flash-attn {profile.flash_attn.version} imports, every GPU used has capability >= 8.0, dtype {dtype}"
-        return "flash_attention_2", chain, f"flash_attention_2: {why}"
-    if sdpa:
-        why = f"torch's fused attention, supported by {what}; flash_attention_2 not used: {', '.join(flash_blockers)}"
-        return "sdpa", ["eager"], f"sdpa: {why}"
-    return "eager", [], f"eager: {what} does not support sdpa in transformers"
-
-
-def _remote_code(facts, settings, requested_revision, problems) -> tuple[bool, str]:
-    if not facts.remote_code:
-        note = " (load.trust_remote_code is set but not needed: left off)" if settings.trust_remote_code else ""
-        return False, "off: the model's classes are in transformers" + note
-    if not settings.trust_remote_code:
-        problems.add(
-            RemoteCodeRefused,
-            f"{facts.repo_id} ships its own Python code (config auto_map) and load.trust_remote_code is off: "
-            f"read that code, then allow it with --trust-remote-code (load.trust_remote_code=true) "
-            f"and --revision {facts.commit_sha}",
-        )
-        return False, "refused"
-    if not is_full_sha(requested_revision):
-        problems.add(
-            RemoteCodeRefused,
-            f"load.trust_remote_code needs a pinned revision but --revision is {requested_revision!r}: "
-            f"pin the code you read with --revision {facts.commit_sha}",
-        )
-        return True, "refused"
-    return True, f"on: the repo's own code runs, pinned to {requested_revision}"
-
-
-def _fit_failure(facts, dtype, quant, where, need, weights, overhead, available, options) -> str:
-    return (
-        f"{facts.repo_id} needs {format_bytes(need)} ({format_bytes(weights)} of {quant if quant != 'none' else dtype} weights "
-        f"+ {format_bytes(overhead)} margin) but {where} {'together have' if ',' in where else 'has'} "
-        f"{format_bytes(available)} available: try "
-        + "; ".join(options)
-    )
-
-
-def _fit_options(profile, facts, target, dtype, quant, budgets, max_memory, used: list[str]) -> list[str]:
-    """What would make it fit. Cheaper dtypes/quantization on this placement are offered only when they fit."""
-    options = []
-    available = sum(budgets[k] for k in used)
-
-    def need(d: str, q: str = "none") -> int:
-        w = weights_bytes(facts, d, q)
-        return w + overhead_bytes(w, len(used))
-
-    has_cuda = profile.cuda_available and bool(profile.cuda_devices)
-    no_bf16 = any(not d.bf16 for d in profile.cuda_devices if d.index in target.gpus)
-    half = "float16" if target.kind == "mps" or no_bf16 else "bfloat16"
-    if quant == "none" and dtype == "float32" and need(half) <= available:
-        options.append(f"dtype={half} ({format_bytes(need(half))})")
-    if quant != "4bit":
-        compute = half if dtype == "float32" else dtype
-        if not has_cuda:
-            options.append(f"quantization=4bit on a CUDA machine ({format_bytes(need(compute, '4bit'))})")
-        elif target.kind in ("cuda", "map") and need(compute, "4bit") <= available:
-            extra = "" if profile.bitsandbytes.importable else "; install the gpu extra: pip install 'lora-prep[gpu]'"
-            options.append(f"quantization=4bit ({format_bytes(need(compute, '4bit'))}{extra})")
-    n = len(profile.cuda_devices)
-    if target.kind == "cuda" and target.explicit and n > 1:
-        total = sum(budgets[str(d.index)] for d in profile.cuda_devices)
-        options.append(f"device_map=auto across all {n} GPUs ({format_bytes(total)} available)")
-    capped = [k for k in used if k in max_memory]
-    if capped:
-        options.append("raise load.max_memory for " + ", ".join(capped))
-    options.append("or a machine with more memory")
-    return options
-
-
-def _place(profile, settings, target, weights, budgets, max_memory):
-    """(budget keys used, device_map, target_device, max_memory for accelerate, reason)."""
-    if target.kind == "map":
-        used = sorted({_device_key(v) for v in settings.device_map.values()})
-        return used, settings.device_map, "auto", (max_memory or None), f"module map from load.device_map over {', '.join(used)}"
-    if target.kind in ("cpu", "mps"):
-        if target.explicit:
-            why = "set by load.device_map"
-        elif target.kind == "mps":
-            why = "Apple GPU, unified memory shared with RAM"
-        else:
-            why = "no CUDA or MPS device on this machine"
-        return [target.kind], target.kind, target.kind, None, f"{target.kind}: {why}"
-    if target.explicit:
-        i = target.gpus[0]
-        return [str(i)], f"cuda:{i}", f"cuda:{i}", None, f"{_gpu_name(profile, i)}: set by load.device_map"
-
-    def need(devices: int) -> int:
-        return weights + overhead_bytes(weights, devices)
-
-    for i in target.gpus:
-        if need(1) <= budgets[str(i)]:
-            why = f"the model fits on one GPU ({_gpu_name(profile, i)}, {format_bytes(budgets[str(i)])} available)"
-            return [str(i)], f"cuda:{i}", f"cuda:{i}", None, f"cuda:{i}: {why}"
-    for k in range(2, len(target.gpus) + 1):
-        used = [str(i) for i in target.gpus[:k]]
-        if need(k) <= sum(budgets[key] for key in used):
-            # Each GPU's weight budget leaves its share of the margin free, so accelerate cannot pack it full.
-            weight_budgets = {key: max(0, int((budgets[key] - MARGIN_FIXED_BYTES) / (1 + MARGIN_FRACTION))) for key in used}
-            why = f"no single GPU holds {format_bytes(need(1))}; fewest GPUs in index order, weight budgets in max_memory, no CPU offload"
-            return used, "auto", "auto", weight_budgets, f"auto over {', '.join('cuda:' + key for key in used)}: {why}"
-    return [str(i) for i in target.gpus], "auto", "auto", None, "none: too big for the GPUs"
-
-
-def plan_load(
+def plan_prepare(
     profile: HardwareProfile,
-    facts: ModelFacts,
-    settings: LoadSettings,
-    requested_revision: str | None = None,
+    facts: RepoFacts,
+    load: LoadSettings,
+    lora: LoraSettings,
+    output: OutputSettings,
+    revision: str,
+    source: SourceSettings = SourceSettings(),
     *,
     enforce_fit: bool = True,
-) -> LoadPlan:
-    """Decide dtype, attention, placement and quantization; check the fit. Pure.
+    create_output: bool = True,
+) -> Plan:
+    """The load plan, the LoRA targets and the output directory, or one error listing every problem.
 
-    Raises InvalidInput / RemoteCodeRefused listing every settings problem at once, then DoesNotFit
-    (unless ``enforce_fit=False``, which returns the plan with ``fits=False`` for a dry run).
+    enforce_fit=False (the dry run) returns a plan with ``fits=False`` instead of refusing;
+    create_output=False checks the output directory without creating it.
     """
-    problems = _Problems()
-    reasons: dict[str, str] = {}
-    max_memory = {k: parse_size(v) for k, v in (settings.max_memory or {}).items()}
-    budgets = _budgets(profile, max_memory)
-
-    trust, reasons["trust_remote_code"] = _remote_code(facts, settings, requested_revision, problems)
-    target = _resolve_target(profile, settings, problems)
-    dtype, reasons["dtype"] = _choose_dtype(profile, facts, settings, target, budgets, problems)
-    reasons["quantization"] = _choose_quantization(profile, settings, target, problems)
-    attn, fallbacks, reasons["attn"] = _choose_attn(profile, facts, settings, target, dtype, problems)
-    reasons["gradient_checkpointing"] = (
-        "on: recompute activations in backward (about 30% more compute, far less activation memory)"
-        if settings.gradient_checkpointing
-        else "off: activations kept for backward (faster; set gradient_checkpointing for long sequences)"
-    )
-    problems.raise_if_any(repo_id=facts.repo_id, revision=requested_revision)
-
-    quant = settings.quantization
-    weights = weights_bytes(facts, dtype, quant)
-    used, device_map, target_device, plan_max_memory, reasons["placement"] = _place(
-        profile, settings, target, weights, budgets, max_memory
-    )
-    available = sum(budgets[k] for k in used)
-    overhead = overhead_bytes(weights, len(used))
-    fits = weights + overhead <= available
-    where = ", ".join(("cuda:" + k if k.isdigit() else k) for k in used)
-    if fits:
-        reasons["fit"] = (
-            f"fits: {format_bytes(weights + overhead)} ({format_bytes(weights)} weights + {format_bytes(overhead)} margin: "
-            f"10% + 512 MiB per device) of {format_bytes(available)} available on {where} (min of free memory and load.max_memory)"
-        )
-    else:
-        options = _fit_options(profile, facts, target, dtype, quant, budgets, max_memory, used)
-        message = _fit_failure(facts, dtype, quant, where, weights + overhead, weights, overhead, available, options)
-        if enforce_fit:
-            raise DoesNotFit(
-                message, repo_id=facts.repo_id, revision=requested_revision,
-                needed_bytes=weights + overhead, available_bytes=available,
-            )  # fmt: skip
-        reasons["fit"] = "does not fit: " + message
-
-    return LoadPlan(
-        dtype=dtype,
-        attn_implementation=attn,
-        attn_fallbacks=fallbacks,
-        device_map=device_map,
-        max_memory=plan_max_memory,
-        quantization=quant,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        trust_remote_code=trust,
-        target_device=target_device,
-        estimate_bytes=weights,
-        overhead_bytes=overhead,
-        available_bytes=available,
-        fits=fits,
-        reasons=reasons,
-    )
-
-
-def plan_for_repo(
-    profile: HardwareProfile, repo_facts: Any, settings: LoadSettings, requested_revision: str | None
-) -> LoadPlan:
-    """plan_load from tasks/hub.py's RepoFacts: the flow's plan stage."""
-    return plan_load(profile, ModelFacts.from_repo_facts(repo_facts), settings, requested_revision)
+    problems: list[LoraPrepError] = []
+    load_plan: LoadPlan | None = None
+    too_big: DoesNotFit | None = None
+    try:
+        load_plan = plan_for_repo(profile, facts, load, revision, enforce_fit=False)
+    except LoraPrepError as exc:
+        problems.append(exc)
+    targets = None
+    needs_code = bool(facts.config.get("auto_map"))
+    trusted = load_plan.trust_remote_code if load_plan is not None else False
+    if not needs_code or trusted:  # a skeleton of remote code only once the plan trusts it
+        try:
+            model = skeleton(facts.config, model_dir=_code_dir(facts, source) if trusted else None, trust_remote_code=trusted)
+            targets = plan_targets(model, lora)
+        except LoraPrepError as exc:
+            problems.append(exc)
+    try:
+        parent = check_output_dir(output, create=create_output)
+    except LoraPrepError as exc:
+        problems.append(exc)
+    if problems:
+        if len(problems) == 1:
+            raise problems[0]
+        kind = RemoteCodeRefused if any(isinstance(p, RemoteCodeRefused) for p in problems) else InvalidInput
+        raise kind("; ".join(str(p).rstrip(".") for p in problems) + ".")
+    if enforce_fit and not load_plan.fits:
+        too_big = DoesNotFit(load_plan.reasons["fit"].removeprefix("does not fit: "), repo_id=facts.repo_id,
+                             needed_bytes=load_plan.estimate_bytes + load_plan.overhead_bytes, available_bytes=load_plan.available_bytes)
+        raise too_big
+    return Plan(load=load_plan, targets=targets, artifact_parent=str(parent))
 
 
 # No cache: a plan is cheap and must follow the profile measured now. No retries: a refusal is final.
-plan_task = task(name="plan", cache_policy=NO_CACHE, retries=0, timeout_seconds=120)(plan_for_repo)
+plan_task = task(name="plan", cache_policy=NO_CACHE, retries=0, timeout_seconds=300)(plan_prepare)

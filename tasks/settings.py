@@ -9,12 +9,13 @@ here reads the environment or touches torch at import time; "auto" and
 from __future__ import annotations
 
 import re
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lora_prep.tasks.units import is_size
+
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-_MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 # PEFT initialisations that need no training data (eva, corda, lora_ga need a
 # dataloader; loftq needs a LoftQConfig and a full-precision pass).
 _DATA_FREE_INITS = ("gaussian", "pissa", "olora", "orthogonal")
@@ -24,6 +25,14 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Union members carry titles: the Prefect run form draws a union as tabs labelled by them
+# ("Preset / Module names / Regex"), where untitled members read "str / list / str".
+Default = Annotated[None, Field(title="Default")]
+Text = Annotated[str, Field(title="Value")]
+Directory = Annotated[str, Field(title="Directory")]
+Names = Annotated[list[str], Field(title="Names")]
+
+
 def is_full_sha(revision: str | None) -> bool:
     return bool(revision) and bool(_SHA_RE.match(revision))
 
@@ -31,23 +40,30 @@ def is_full_sha(revision: str | None) -> bool:
 class SourceSettings(_Settings):
     """Where the model comes from and what may be fetched."""
 
-    cache_dir: str | None = Field(
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Model source")
+
+    cache_dir: Directory | Default = Field(
+        title="Hugging Face cache directory",
         default=None,
         description="Hugging Face cache directory. Default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.",
     )
     offline: bool = Field(
+        title="Offline (cache only)",
         default=False,
         description="Use only the local cache (as HF_HUB_OFFLINE=1). Fails if the cache lacks a complete snapshot.",
     )
     allow_pickle: bool = Field(
+        title="Allow pickle weights",
         default=False,
         description="Allow repos whose only weights are pickle files (*.bin). Pickle can run code when loaded: only for repos you trust.",
     )
-    token_secret: str | None = Field(
+    token_secret: Text | Default = Field(
+        title="Token secret block",
         default=None,
         description="Name of a Prefect Secret block holding the Hugging Face token. Default: the HF_TOKEN environment variable.",
     )
     min_free_bytes: int = Field(
+        title="Disk space to keep free (bytes)",
         default=0,
         ge=0,
         description="Extra free disk space (bytes) to keep in the cache after the download; the download is refused before it starts otherwise.",
@@ -62,22 +78,31 @@ Quantization = Literal["none", "4bit", "8bit"]
 class LoadSettings(_Settings):
     """How to load the base model."""
 
-    dtype: Dtype = Field(default="auto", description="Weights dtype. auto: bf16 where supported, fp16 on CUDA without bf16, float32 on CPU.")
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Loading")
+
+    dtype: Dtype = Field(
+        title="Weights dtype",default="auto", description="Weights dtype. auto: bf16 where supported, fp16 on CUDA without bf16, float32 on CPU.")
     attn_implementation: Attn = Field(
+        title="Attention kernel",
         default="auto",
         description="Attention kernel. auto: flash_attention_2 when installed on a GPU with capability >= 8.0 and a 16-bit dtype, else sdpa, else eager.",
     )
-    device_map: Union[str, dict[str, Union[int, str]]] = Field(
+    device_map: Union[Annotated[str, Field(title="Device")], Annotated[dict[str, Union[int, str]], Field(title="Module map")]] = Field(
+        title="Device placement",
         default="auto",
         description='Placement: auto, cpu, cuda, cuda:N, mps, or a module -> device dict (accelerate style).',
     )
-    quantization: Quantization = Field(default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA.")
-    max_memory: dict[str, str] | None = Field(
+    quantization: Quantization = Field(
+        title="Quantization",default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA.")
+    max_memory: Annotated[dict[str, str], Field(title="Budgets")] | Default = Field(
+        title="Memory budget per device",
         default=None,
         description='Memory budget per device, accelerate style: {"cpu": "20GiB", "0": "70GiB"}. Used by the fit check and by device_map=auto.',
     )
-    gradient_checkpointing: bool = Field(default=False, description="Enable gradient checkpointing (sets use_cache=False and input gradients for LoRA).")
+    gradient_checkpointing: bool = Field(
+        title="Gradient checkpointing",default=False, description="Enable gradient checkpointing (sets use_cache=False and input gradients for LoRA).")
     trust_remote_code: bool = Field(
+        title="Trust the repo's own code",
         default=False,
         description="Allow a repo's own Python code (config auto_map). Only with a revision pinned to a full 40-hex commit sha.",
     )
@@ -98,38 +123,58 @@ class LoadSettings(_Settings):
         for device, amount in value.items():
             if not (str(device) in ("cpu", "mps", "disk") or str(device).isdigit()):
                 bad.append(f"device {device!r} (use cpu, mps or a GPU index such as 0)")
-            if not _MEMORY_RE.match(str(amount)):
+            if not is_size(amount):
                 bad.append(f"{device}: {amount!r} (use a size such as '20GiB' or '512MB')")
         if bad:
             raise ValueError("max_memory has invalid entries: " + "; ".join(bad) + ".")
         return {str(k): str(v) for k, v in value.items()}
 
 
-TargetPreset = Literal["all-linear", "attention", "mlp"]
+TargetPreset = Literal["all-linear", "attention", "mlp", "experts"]
+PRESETS = ("all-linear", "attention", "mlp", "experts")
+DEFAULT_DROPOUT = 0.05
 
 
 class LoraSettings(_Settings):
     """The LoRA adapter. Maps onto peft.LoraConfig; presets are resolved against the real model."""
 
-    r: int = Field(default=16, gt=0, le=4096, description="LoRA rank (adapter width).")
-    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
-    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
-    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
-    target_modules: Union[TargetPreset, list[str], str] = Field(
-        default="all-linear",
-        description="all-linear | attention | mlp | a list of module names | a regex matched against full module names. Output head and embeddings are never targeted by a preset.",
+    model_config = ConfigDict(extra="forbid", frozen=True, title="LoRA adapter")
+
+    r: int = Field(
+        title="Rank (r)",default=16, gt=0, le=4096, description="LoRA rank (adapter width).")
+    alpha: float = Field(
+        title="Alpha",default=32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: Annotated[float, Field(title="Value", ge=0, lt=1)] | Default = Field(
+        title="Dropout",
+        default=None,
+        description="Dropout on the LoRA input, in [0, 1). Default: 0.05, or 0 when the targets include fused MoE expert parameters (PEFT cannot apply dropout to those).",
     )
-    exclude_modules: list[str] | None = Field(default=None, description="Module names (suffixes) to leave out of the targets.")
-    modules_to_save: list[str] | None = Field(default=None, description="Modules trained in full and saved with the adapter (e.g. lm_head); makes the adapter large.")
-    use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
-    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
-    init_lora_weights: Union[bool, str] = Field(
+    bias: Literal["none", "all", "lora_only"] = Field(
+        title="Trained biases",default="none", description="Which biases to train.")
+    target_modules: Union[Annotated[TargetPreset, Field(title="Preset")], Annotated[list[str], Field(title="Names")], Annotated[str, Field(title="Regex")]] = Field(
+        title="Target modules",
+        default="all-linear",
+        description="all-linear | attention | mlp | experts | a list of module or expert-parameter names | a regex matched against full names. Presets cover fused MoE experts and leave out the output head, embeddings and MoE routers.",
+    )
+    exclude_modules: Names | Default = Field(
+        title="Excluded modules",default=None, description="Module names (suffixes) to leave out of the targets.")
+    modules_to_save: Names | Default = Field(
+        title="Modules trained in full",default=None, description="Modules trained in full and saved with the adapter (e.g. lm_head); makes the adapter large.")
+    use_rslora: bool = Field(
+        title="Rank-stabilised LoRA",default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    use_dora: bool = Field(
+        title="DoRA",default=False, description="Weight-decomposed LoRA (DoRA).")
+    init_lora_weights: Union[Annotated[bool, Field(title="Default (Kaiming) / zeros")], Annotated[str, Field(title="Method")]] = Field(
+        title="Initialisation",
         default=True,
         description="true (Kaiming A, zero B) | false | gaussian | pissa | olora | orthogonal: the PEFT initialisations that need no training data and load back exactly.",
     )
-    rank_pattern: dict[str, int] | None = Field(default=None, description="Per-module rank overrides: {regex: r}.")
-    alpha_pattern: dict[str, float] | None = Field(default=None, description="Per-module alpha overrides: {regex: alpha}.")
-    seed: int = Field(default=0, ge=0, description="Seed for the adapter initialisation: same seed and base give byte-identical adapter weights.")
+    rank_pattern: Annotated[dict[str, int], Field(title="Patterns")] | Default = Field(
+        title="Rank per module (regex to r)",default=None, description="Per-module rank overrides: {regex: r}.")
+    alpha_pattern: Annotated[dict[str, float], Field(title="Patterns")] | Default = Field(
+        title="Alpha per module (regex to alpha)",default=None, description="Per-module alpha overrides: {regex: alpha}.")
+    seed: int = Field(
+        title="Seed",default=0, ge=0, description="Seed for the adapter initialisation: same seed and base give byte-identical adapter weights.")
 
     @field_validator("init_lora_weights")
     @classmethod
@@ -149,7 +194,7 @@ class LoraSettings(_Settings):
     def _check_targets(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("target_modules is an empty list; give module names or a preset such as all-linear.")
-        if isinstance(value, str) and value not in ("all-linear", "attention", "mlp"):
+        if isinstance(value, str) and value not in PRESETS:
             try:
                 re.compile(value)
             except re.error as exc:
@@ -193,13 +238,19 @@ class LoraSettings(_Settings):
 class TrackingSettings(_Settings):
     """Where the run is recorded."""
 
-    tracking_uri: str | None = Field(
+    model_config = ConfigDict(extra="forbid", frozen=True, title="MLflow tracking")
+
+    tracking_uri: Text | Default = Field(
+        title="MLflow tracking URI",
         default=None,
         description="MLflow tracking URI. Default: MLFLOW_TRACKING_URI, else a SQLite file under the lora-prep data directory.",
     )
-    experiment: str = Field(default="lora-prep", min_length=1, description="MLflow experiment name.")
-    register_as: str | None = Field(default=None, description="Register the artifact in the MLflow Model Registry under this name.")
-    alias: str | None = Field(default=None, description="Alias for the registered version (e.g. champion); needs register_as.")
+    experiment: str = Field(
+        title="MLflow experiment",default="lora-prep", min_length=1, description="MLflow experiment name.")
+    register_as: Text | Default = Field(
+        title="Register as (model name)",default=None, description="Register the artifact in the MLflow Model Registry under this name.")
+    alias: Text | Default = Field(
+        title="Registry alias",default=None, description="Alias for the registered version (e.g. champion); needs register_as.")
 
     @model_validator(mode="after")
     def _alias_needs_name(self):
@@ -211,12 +262,20 @@ class TrackingSettings(_Settings):
 class OutputSettings(_Settings):
     """Where the artifact directory goes."""
 
-    output_dir: str | None = Field(
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Artifact output")
+
+    output_dir: Directory | Default = Field(
+        title="Artifacts directory",
         default=None,
         description="Parent directory for artifacts. Default: LORA_PREP_HOME/artifacts (~/.local/share/lora-prep/artifacts).",
     )
-    name: str | None = Field(
+    name: Annotated[str, Field(title="Value", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | Default = Field(
+        title="Artifact name",
         default=None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Artifact directory name. Default: <org>--<name>--<sha[:12]>--<UTC timestamp>.",
+    )
+    check: bool = Field(
+        title="Check that the model runs",
+        default=True,
+        description="Run the LoRA-wrapped model forward and backward on a few tokens before writing the artifact; a wrapping that breaks the model is refused. Reads every weight once.",
     )

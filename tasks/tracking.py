@@ -1,38 +1,51 @@
-"""MLflow tracking: one run per Prefect flow run, the artifact directory, the registry.
+"""Stage 6, track: one MLflow run per preparation, the artifact as an MLflow logged model, the registry.
 
-Uses ``MlflowClient`` with an explicit tracking URI instead of the fluent API:
-the fluent active run is thread-local and Prefect runs tasks in worker threads,
-and a client never changes process-wide state.
+``MlflowClient`` with an explicit URI, never the fluent API: its active run is thread-local and
+Prefect runs tasks in worker threads. Every call is bounded (tasks/mlflow_store.py).
 
-We do not use ``mlflow.transformers.log_model`` for the PEFT model: in MLflow
-3.17 it records the Hub's *latest* commit rather than the one loaded, needs
-the Hub for that, and saves the full base weights when the base was loaded
-from a local path. The artifact directory already holds the adapter, the
-tokenizer and a manifest with the pinned commit and file hashes, so it is
-logged as plain run artifacts under ``artifact/`` and registered from there.
+- ``start_run`` opens (or, on a Prefect flow retry or a ``lora-prep log``, finds again by the
+  ``prefect.flow_run_id`` tag) the run before the heavy stages, so failures are recorded too;
+  each run carries its host, pid and process start time, so a later run can tell a run whose
+  process died (``tasks/reaper.py``) and close it.
+- ``log_artifact_run`` logs the directory under the run's ``artifact/`` (what ``runs:/<id>``
+  loads) and as a LoggedModel of the run (MLflow 3's "Logged models"), registers it if asked
+  (the version linked to that model), and ends the run FINISHED, or FAILED on any error.
+
+Why not ``mlflow.transformers.log_model``: in MLflow 3.17 it records the Hub's *latest* commit
+instead of the one loaded (and needs the Hub for it) and saves full base weights when the base
+was loaded from a local path. The artifact already holds the adapter, tokenizer and manifest.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import urllib.parse
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from lora_prep.tasks.artifact import read_manifest, update_manifest
-from lora_prep.tasks.errors import InvalidInput, TrackingUnavailable
-from lora_prep.tasks.paths import default_mlflow_artifact_root, default_tracking_uri
+from lora_prep.tasks.errors import TrackingUnavailable
+from lora_prep.tasks.manifest import Manifest, TrackingRecord, read_manifest
+from lora_prep.tasks.mlflow_store import client, is_server, mlflow_errors, resolve_tracking_uri, sqlite_artifact_root
+from lora_prep.tasks.registry import register
 from lora_prep.tasks.settings import TrackingSettings
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_PATH = "artifact"
 FLOW_RUN_TAG = "prefect.flow_run_id"
-# MLflow's param values are capped at 6000 characters.
-_PARAM_MAX = 6000
+MODEL_TYPE = "lora-adapter"
+# The logged model's name must differ from the run's artifact directory: MLflow lists (and resolves)
+# runs:/<id>/<name> through a logged model of that name, against the process's default store.
+MODEL_NAME = "lora-adapter"
+# Tags that let a later process tell whether this run's process is still alive (tasks/reaper.py).
+HOST_TAG, PID_TAG, STARTED_TAG = "lora_prep.host", "lora_prep.pid", "lora_prep.process_started"
+# MLflow 3's UI shows an experiment tagged so in its model-training view (not the GenAI one).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+_PARAM_MAX = 6000  # MLflow's cap on a param value, in characters
 
 
 class TrackingResult(BaseModel):
@@ -42,115 +55,134 @@ class TrackingResult(BaseModel):
     experiment_id: str
     run_id: str
     run_url: str | None
+    logged_model_id: str | None
     model_uri: str | None
     registered_version: str | None
 
 
-def resolve_tracking_uri(settings: TrackingSettings) -> str:
-    """The flow parameter, else MLFLOW_TRACKING_URI, else the per-user SQLite file."""
-    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """A link a person can open: only a tracking server has one (a SQLite store: see ui_command).
 
-
-def _sqlite_artifact_root(uri: str) -> str | None:
-    """For a sqlite:/// store, artifacts live next to the database (MLflow would use ./mlruns of the cwd)."""
-    if not uri.startswith("sqlite:///"):
+    ``workflowType=machine_learning``: MLflow 3.17's UI defaults to its GenAI view, where this run
+    would be listed among "evaluation runs"; the parameter opens the model-training view."""
+    if not is_server(uri):
         return None
-    db = Path(urllib.parse.urlparse(uri).path)
-    if uri == default_tracking_uri():
-        return default_mlflow_artifact_root().as_uri()
-    return (db.parent / "mlartifacts").as_uri()
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    # MLflow creates and migrates a SQLite store on first use; two processes doing that at
-    # once (several `lora-prep prepare` on a new per-user store) collide ("duplicate column
-    # name", "table ... already exists") and can leave it half-migrated. A file lock beside
-    # the database, taken before any client object exists, makes the first use one process
-    # at a time: the first builds and migrates both stores, the others then find them done.
-    from filelock import FileLock
-
-    db = Path(urllib.parse.urlparse(uri).path)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db) + ".init.lock", timeout=300):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_experiments(max_results=1)  # tracking store: tables created or migrated
-        client.search_registered_models(max_results=1)  # registry store, likewise
-    return client
-
-
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """A link a person can open: the server itself, or a local `mlflow ui` for file stores."""
-    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def ui_command(uri: str) -> str | None:
+    """How to open a SQLite store in the MLflow UI."""
     if uri.startswith("sqlite:///"):
-        root = _sqlite_artifact_root(uri)
-        return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {root}"
+        return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {sqlite_artifact_root(uri)}"
     return None
 
 
-def _experiment_id(client, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
+def where_to_open(uri: str, url: str | None) -> str:
+    return url or (f"`{ui_command(uri)}`" if ui_command(uri) else uri)
+
+
+def process_tags() -> dict[str, str]:
+    import getpass
+
+    import psutil
+
+    return {
+        HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), STARTED_TAG: f"{psutil.Process().create_time():.3f}",
+        # What MLflow's fluent API would add; MlflowClient adds none (the UI's user and source columns).
+        "mlflow.user": getpass.getuser(), "mlflow.source.type": "LOCAL", "mlflow.source.name": "lora-prep",
+    }
+
+
+def experiment_id(mlflow, name: str, uri: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_sqlite_artifact_root(uri))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.create_experiment(name, artifact_location=sqlite_artifact_root(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except MlflowException as exc:  # another process created it meanwhile
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
-def _find_or_create_run(client, experiment_id: str, tags: dict[str, str], run_name: str) -> str:
-    """A Prefect flow retry keeps its flow run id: find the run by that tag instead of opening a second one."""
+def find_run(mlflow, experiment: str, flow_run_id: str):
+    found = mlflow.search_runs([experiment], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0] if found else None
+
+
+def _find_or_create_run(mlflow, experiment: str, tags: dict[str, str], run_name: str) -> str:
+    """A Prefect flow retry and `lora-prep log` keep the flow run id: find that run instead of opening a second one."""
     flow_run_id = tags.get(FLOW_RUN_TAG)
     if flow_run_id:
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-            return run_id
-    return client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+        run = find_run(mlflow, experiment, flow_run_id)
+        if run is not None:
+            mlflow.update_run(run.info.run_id, status="RUNNING")
+            mlflow.log_batch(run.info.run_id, tags=[_tag(k, v) for k, v in {**tags, **process_tags()}.items()])
+            return run.info.run_id
+    return mlflow.create_run(experiment, tags={**tags, **process_tags()}, run_name=run_name).info.run_id
 
 
 def start_run(settings: TrackingSettings, tags: dict[str, str], params: dict[str, Any]) -> str | None:
-    """Open (or, on a Prefect flow retry, find again) the run before the heavy stages, so failures are recorded too.
-
-    An unreachable MLflow does not stop the preparation here: it is tried
-    again, with retries, when the artifact is logged at the end.
-    """
-    from mlflow.exceptions import MlflowException
+    """Open (or find again) the run before the heavy stages. An unreachable MLflow does not stop the
+    preparation here (warned, and tried again when the artifact is logged); first, runs of dead
+    processes are closed (tasks/reaper.py)."""
+    from lora_prep.tasks.reaper import reap_stale_runs
 
     uri = resolve_tracking_uri(settings)
     try:
-        client = _client(uri)
-        experiment_id = _experiment_id(client, settings.experiment, uri)
-        run_id = _find_or_create_run(client, experiment_id, tags, tags.get("prefect.flow_run_name") or "lora-prep")
-        client.log_batch(run_id, params=[_param(k, v) for k, v in _clip(params).items()])
-        return run_id
-    except (MlflowException, OSError) as exc:
-        if not _is_connection_problem(exc):
-            raise
-        log.warning("MLflow at %s is unreachable (%s); continuing, the run will be logged at the end.", uri, type(exc).__name__)
+        with mlflow_errors(uri):
+            mlflow = client(uri)
+            experiment = experiment_id(mlflow, settings.experiment, uri)
+            reap_stale_runs(mlflow, [experiment])
+            run_id = _find_or_create_run(mlflow, experiment, tags, tags.get("prefect.flow_run_name") or "lora-prep")
+            mlflow.log_batch(run_id, params=[_param(k, v) for k, v in _clip(params).items()])
+            return run_id
+    except TrackingUnavailable as exc:
+        log.warning("%s; continuing, the run will be logged at the end.", str(exc).rstrip("."))
         return None
 
 
-def fail_run(settings: TrackingSettings, flow_run_id: str) -> None:
-    """End the run of a failed flow as FAILED so that no run is left RUNNING."""
+def fail_run(settings: TrackingSettings, flow_run_id: str, reason: str = "the flow failed") -> None:
+    """End the run of a failed flow as FAILED so that no run is left RUNNING (best effort, bounded)."""
+    from lora_prep.tasks.mlflow_store import sqlite_path
+
     uri = resolve_tracking_uri(settings)
-    if uri.startswith("sqlite:///") and not Path(urllib.parse.urlparse(uri).path).exists():
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
         return  # the flow failed before any run was opened: do not create a store for nothing
     try:
-        client = _client(uri)
-        experiment = client.get_experiment_by_name(settings.experiment)
-        if experiment is None:
-            return
-        for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'"):
-            if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, "FAILED")
-    except Exception as exc:  # best effort in a failure hook: the flow already failed for its own reason
+        with mlflow_errors(uri):
+            mlflow = client(uri)
+            experiment = mlflow.get_experiment_by_name(settings.experiment)
+            if experiment is None:
+                return
+            run = find_run(mlflow, experiment.experiment_id, flow_run_id)
+            if run is not None and run.info.status == "RUNNING":
+                mlflow.set_tag(run.info.run_id, "lora_prep.failure", reason[:_PARAM_MAX])
+                mlflow.set_terminated(run.info.run_id, "FAILED")
+    except Exception as exc:  # a failure hook: the flow already failed for its own reason
         log.warning("could not mark the MLflow run of flow run %s as FAILED: %s", flow_run_id, exc)
+
+
+def close_runs_of_this_process(settings: TrackingSettings | None, reason: str) -> list[str]:
+    """Mark the RUNNING runs this process opened FAILED (when the flow's own hooks cannot run)."""
+    uri = resolve_tracking_uri(settings)
+    closed = []
+    try:
+        with mlflow_errors(uri):
+            mlflow = client(uri)
+            experiments = [e.experiment_id for e in mlflow.search_experiments()]
+            mine = f"tags.`{PID_TAG}` = '{os.getpid()}' and tags.`{HOST_TAG}` = '{socket.gethostname()}' and attributes.status = 'RUNNING'"
+            for run in mlflow.search_runs(experiments, filter_string=mine) if experiments else []:
+                mlflow.set_tag(run.info.run_id, "lora_prep.failure", reason)
+                mlflow.set_terminated(run.info.run_id, "FAILED")
+                closed.append(run.info.run_id)
+    except Exception as exc:  # best effort on the way out; the reaper closes them later otherwise
+        log.warning("could not close this process's MLflow runs: %s", exc)
+    return closed
 
 
 def _clip(params: dict[str, Any]) -> dict[str, str]:
@@ -161,119 +193,109 @@ def _clip(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _params(manifest: dict) -> dict[str, str]:
-    base, plan, lora = manifest["base_model"], manifest["load_plan"], manifest["lora"]
+def manifest_params(manifest: Manifest) -> dict[str, str]:
+    base, plan, used, lora = manifest.base_model, manifest.load_plan, manifest.load_used, manifest.lora
+    t = lora.targets
     params: dict[str, Any] = {
-        "model_id": base["repo_id"],
-        "revision": base["revision"],
-        "commit_sha": base["commit_sha"],
-        "offline": base.get("offline", False),
+        "model_id": base.name_or_path, "source": base.source, "revision": base.revision, "commit_sha": base.commit_sha or "",
+        "content_digest": base.content_digest, "offline": base.offline,
     }
     for key in ("dtype", "attn_implementation", "device_map", "quantization", "max_memory", "gradient_checkpointing", "trust_remote_code"):
-        params[f"plan.{key}"] = plan.get(key)
-    used = plan.get("used") or {}
-    for key, value in used.items():
+        params[f"plan.{key}"] = getattr(plan, key)
+    for key, value in used.model_dump(mode="json").items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             params[f"plan.used.{key}"] = value
-    for key, value in lora.items():
+    for key, value in lora.settings.model_dump(mode="json").items():
         params[f"lora.{key}"] = value
+    params.update({
+        "lora.dropout": t.dropout, "lora.dropout_reason": t.dropout_reason,
+        "lora.target_modules": sorted({m.rsplit(".", 1)[-1] for m in t.target_modules}),
+        "lora.target_modules_count": len(t.target_modules),
+        "lora.target_parameters": t.expert_parameter_leaves, "lora.target_parameters_count": len(t.target_parameters),
+        "lora.excluded_count": len(t.excluded),
+    })
     return _clip(params)
 
 
-def _metrics(manifest: dict, run_stats: dict[str, float]) -> dict[str, float]:
-    metrics = {
-        "total_params": float(manifest["parameters"]["total"]),
-        "trainable_params": float(manifest["parameters"]["trainable"]),
-    }
+def _metrics(manifest: Manifest, run_stats: dict[str, float]) -> dict[str, float]:
+    metrics = {"total_params": float(manifest.parameters.total), "trainable_params": float(manifest.parameters.trainable)}
+    if manifest.check.forward:
+        metrics["check.seconds"] = manifest.check.seconds
+        if manifest.check.loss is not None:
+            metrics["check.loss"] = manifest.check.loss
     metrics.update({k: float(v) for k, v in run_stats.items() if v is not None})
     return metrics
 
 
-def _is_connection_problem(exc: BaseException) -> bool:
-    """MLflow wraps transport failures in MlflowException; the cause chain holds the requests error."""
-    import requests
-
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def log_artifact_run(
-    artifact_dir: Path,
-    settings: TrackingSettings,
-    tags: dict[str, str],
-    run_stats: dict[str, float],
-) -> TrackingResult:
-    """Log the artifact directory as one MLflow run, register it if asked, record the run in the manifest.
-
-    On any failure the run is ended FAILED (never left RUNNING) and the
-    artifact directory stays on disk; the error says how to log it later.
-    """
-    from mlflow.exceptions import MlflowException
-
-    import time
+def log_artifact_run(artifact_dir: Path, settings: TrackingSettings, tags: dict[str, str], run_stats: dict[str, float]) -> TrackingResult:
+    """Log the artifact directory as the preparation's run and logged model, register it if asked,
+    record the run in the manifest. On any failure the run ends FAILED (never left RUNNING) and the
+    artifact stays on disk; the error says how to log it later."""
 
     started = time.perf_counter()
     artifact_dir = Path(artifact_dir)
     uri = resolve_tracking_uri(settings)
     manifest = read_manifest(artifact_dir)
-    client = run_id = None
+    flow_run_id = manifest.prefect.flow_run_id
+    if flow_run_id and FLOW_RUN_TAG not in tags:
+        tags = {**tags, FLOW_RUN_TAG: flow_run_id}  # `lora-prep log` attaches to the preparation's own run
+    fix = f"the artifact is kept at {artifact_dir}: log it later with 'lora-prep log {artifact_dir} --tracking-uri {uri}'"
+    mlflow = run_id = None
     try:
-        client = _client(uri)
-        experiment_id = _experiment_id(client, settings.experiment, uri)
-        run_name = tags.get("prefect.flow_run_name") or artifact_dir.name
-        run_id = _find_or_create_run(client, experiment_id, tags, run_name)
-        url = run_url(uri, experiment_id, run_id)
-        manifest = update_manifest(
-            artifact_dir,
-            tracking={"mlflow_tracking_uri": uri, "mlflow_experiment": settings.experiment, "mlflow_run_id": run_id, "mlflow_run_url": url},
-        )
-        client.log_batch(run_id, params=[_param(k, v) for k, v in _params(manifest).items()], tags=[_tag(k, v) for k, v in tags.items()])
-        client.log_batch(run_id, metrics=[_metric(k, v) for k, v in _metrics(manifest, run_stats).items()])
-        client.set_tag(run_id, "lora_prep.artifact_dir", str(artifact_dir))
-        client.log_artifacts(run_id, str(artifact_dir), artifact_path=ARTIFACT_PATH)
-        model_uri = version = None
-        if settings.register_as:
-            version = _register(client, settings, run_id)
-            model_uri = f"models:/{settings.register_as}@{settings.alias}" if settings.alias else f"models:/{settings.register_as}/{version}"
-        # This stage's own time: the flow's clock is still running while it logs.
-        client.log_batch(run_id, metrics=[_metric("seconds.track", round(time.perf_counter() - started, 3))])
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException as exc:
-        if client is not None and run_id is not None:
+        with mlflow_errors(uri, fix):
+            mlflow = client(uri)
+            experiment = experiment_id(mlflow, settings.experiment, uri)
+            run_id = _find_or_create_run(mlflow, experiment, tags, tags.get("prefect.flow_run_name") or artifact_dir.name)
+            params = manifest_params(manifest)
+            mlflow.log_batch(run_id, params=[_param(k, v) for k, v in params.items()],
+                             tags=[_tag(k, v) for k, v in {**tags, "lora_prep.artifact_dir": str(artifact_dir)}.items()])
+            mlflow.log_batch(run_id, metrics=[_metric(k, v) for k, v in _metrics(manifest, run_stats).items()])
+            mlflow.log_artifacts(run_id, str(artifact_dir), artifact_path=ARTIFACT_PATH)
+            model = _log_model(mlflow, experiment, run_id, artifact_dir, manifest, params)
+            url = run_url(uri, experiment, run_id)
+            manifest = _record_in_manifest(artifact_dir, uri, settings, run_id, url, model.model_id)
+            model_uri = version = None
+            if settings.register_as:
+                version = register(mlflow, settings, run_id, model.model_id)
+                model_uri = f"models:/{settings.register_as}@{settings.alias}" if settings.alias else f"models:/{settings.register_as}/{version}"
+            # This stage's own time: the flow's clock is still running while it logs.
+            mlflow.log_batch(run_id, metrics=[_metric("seconds.track", round(time.perf_counter() - started, 3))])
+            mlflow.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        if mlflow is not None and run_id is not None:
             try:
-                client.set_terminated(run_id, "FAILED")
-            except Exception:  # the store is what failed; nothing more to do
+                with mlflow_errors(uri):
+                    mlflow.set_terminated(run_id, "FAILED")
+            except Exception:  # the store is what failed; the reaper closes it later
                 pass
-        if isinstance(exc, MlflowException) and not _is_connection_problem(exc):
-            raise
-        if isinstance(exc, (MlflowException, OSError)) or _is_connection_problem(exc):
-            raise TrackingUnavailable(
-                f"MLflow at {uri} is unreachable ({type(exc).__name__}); the artifact is kept at {artifact_dir}: "
-                f"log it later with 'lora-prep log {artifact_dir} --tracking-uri {uri}'.",
-                artifact_dir=str(artifact_dir),
-            ) from exc
         raise
-    return TrackingResult(tracking_uri=uri, experiment_id=experiment_id, run_id=run_id, run_url=url, model_uri=model_uri, registered_version=version)
+    return TrackingResult(tracking_uri=uri, experiment_id=experiment, run_id=run_id, run_url=url,
+                          logged_model_id=model.model_id, model_uri=model_uri, registered_version=version)
 
 
-def _register(client, settings: TrackingSettings, run_id: str) -> str:
-    from mlflow.exceptions import MlflowException
+def _record_in_manifest(artifact_dir: Path, uri: str, settings: TrackingSettings, run_id: str, url: str | None, model_id: str) -> Manifest:
+    from lora_prep.tasks.artifact import update_manifest
 
-    name = settings.register_as
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = f"runs:/{run_id}/{ARTIFACT_PATH}"
-    version = client.create_model_version(name, source, run_id=run_id).version
-    if settings.alias:
-        client.set_registered_model_alias(name, settings.alias, version)
-    return str(version)
+    record = TrackingRecord(mlflow_tracking_uri=uri, mlflow_experiment=settings.experiment, mlflow_run_id=run_id,
+                            mlflow_run_url=url, logged_model_id=model_id)
+    return update_manifest(artifact_dir, tracking=record)
+
+
+def _log_model(mlflow, experiment: str, run_id: str, artifact_dir: Path, manifest: Manifest, params: dict[str, str]):
+    """The artifact as the run's LoggedModel (MLflow 3's "Logged models"), READY. The run lists it as
+    its output, so MLflow's UI counts the run as a training run. No MLmodel file: nothing loads it
+    with pyfunc; load_adapter_ready and plain PEFT read the directory."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    model = mlflow.create_logged_model(
+        experiment, name=MODEL_NAME, source_run_id=run_id, model_type=MODEL_TYPE,
+        params={k: v for k, v in params.items() if not k.startswith("plan.used.")},
+        tags={"lora_prep.base": manifest.base_model.name_or_path, "lora_prep.artifact_dir": str(artifact_dir)},
+    )
+    mlflow.log_model_artifacts(model.model_id, str(artifact_dir))
+    mlflow.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model
 
 
 def _param(key, value):
@@ -289,56 +311,9 @@ def _tag(key, value):
 
 
 def _metric(key, value):
-    import time
-
     from mlflow.entities import Metric
 
     return Metric(key, value, int(time.time() * 1000), 0)
-
-
-def _model_version_source(client, ref: str) -> str:
-    """models:/<name>@<alias> or models:/<name>/<version> -> the version's source (runs:/<id>/artifact).
-
-    Resolved with our client: mlflow.artifacts.download_artifacts resolves
-    models:/ against the process's default registry, not the one we pass.
-    """
-    spec = ref.removeprefix("models:/").strip("/")
-    if "@" in spec:
-        name, alias = spec.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).source
-    name, _, version = spec.rpartition("/")
-    if not name or not version.isdigit():
-        raise InvalidInput(f"{ref!r} is not models:/<name>@<alias> or models:/<name>/<version>; fix the model URI.")
-    return client.get_model_version(name, version).source
-
-
-def download_reference(ref: str, dst: Path, tracking_uri: str | None = None) -> Path:
-    """Fetch a runs:/ or models:/ reference into dst and return the artifact directory in it."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    try:
-        if ref.startswith("models:/"):
-            ref = _model_version_source(_client(uri), ref)
-        if ref.startswith("runs:/") and ref.rstrip("/").count("/") == 1:
-            ref = f"{ref.rstrip('/')}/{ARTIFACT_PATH}"  # runs:/<id> means the run's artifact directory
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst), tracking_uri=uri)
-    except MlflowException as exc:
-        raise InvalidInput(f"cannot fetch {ref} from MLflow at {uri} ({exc.error_code}); check the run id or model name and --tracking-uri.") from exc
-    return Path(local)
-
-
-def retry_if_unreachable(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn for MLflow calls (a plain def, see retry_if_transient):
-    our transient errors and MLflow's own transport failures."""
-    from lora_prep.tasks.errors import is_transient
-
-    try:
-        state.result()
-    except Exception as exc:  # the task's own exception, re-raised by result()
-        return is_transient(exc) or _is_connection_problem(exc)
-    return False
 
 
 def _track(artifact_dir: str, tracking: TrackingSettings, tags: dict[str, str], run_stats: dict[str, float]) -> TrackingResult:
@@ -348,19 +323,10 @@ def _track(artifact_dir: str, tracking: TrackingSettings, tags: dict[str, str], 
 def _make_track_task():
     from prefect import task
     from prefect.cache_policies import NO_CACHE
-    from prefect.tasks import exponential_backoff
 
-    from lora_prep.tasks.errors import retry_if_transient
+    from lora_prep.tasks.retry import TRACKING
 
-    return task(
-        name="track-mlflow",
-        retries=2,
-        retry_delay_seconds=exponential_backoff(backoff_factor=3),  # 3 s, 6 s
-        retry_jitter_factor=0.5,
-        retry_condition_fn=retry_if_transient,
-        cache_policy=NO_CACHE,
-        timeout_seconds=3600,
-    )(_track)
+    return task(name="track-mlflow", cache_policy=NO_CACHE, timeout_seconds=3600, **TRACKING.task_options())(_track)
 
 
 track_task = _make_track_task()

@@ -278,6 +278,7 @@ class _Rule:
     retry_after: str | None = None
     nbytes: int = 0
     seconds: float = 0.0
+    headers: dict | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return (self.methods is None or method in self.methods) and fnmatch.fnmatchcase(path, self.path_glob)
@@ -384,6 +385,7 @@ class HubServer:
         self._fails: list[_Rule] = []
         self._cuts: list[_Rule] = []
         self._delays: list[_Rule] = []
+        self._overrides: list[_Rule] = []
         self._listener: _Listener | None = None
         self._thread: threading.Thread | None = None
         self._refusing = False
@@ -463,6 +465,12 @@ class HubServer:
         with self._lock:
             self._delays.append(_Rule(path_glob, _methods(methods), times, seconds=seconds))
 
+    def override_headers(self, path_glob: str, headers: dict[str, str], methods: Iterable[str] | None = None, times: int | None = None) -> None:
+        """Matching responses (errors too) carry these header values instead of the true ones: a hostile or
+        broken mirror (an ETag or X-Repo-Commit that is a path, say). times=None: until reset_faults()."""
+        with self._lock:
+            self._overrides.append(_Rule(path_glob, _methods(methods), times, headers=dict(headers)))
+
     def refuse(self, on: bool = True) -> None:
         """Simulate the Hub being down: stop listening, so clients get connection refused (httpx2.ConnectError);
         open keep-alive connections are closed. refuse(False) listens again on the same port."""
@@ -478,6 +486,7 @@ class HubServer:
             self._fails.clear()
             self._cuts.clear()
             self._delays.clear()
+            self._overrides.clear()
         if self._refusing:
             self.refuse(False)
 
@@ -807,6 +816,9 @@ class HubServer:
         record = RequestRecord(method, path, raw_query, status, h.headers.get("Range"))
         with self._lock:
             self._records.append(record)
+            override = self._take(self._overrides, method, path)
+        if override is not None:
+            headers = {**headers, **override.headers}
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
@@ -847,7 +859,7 @@ def _truthy(values: list[str] | None) -> bool:
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, RecursionError):  # a broken repo's config: the Hub serves it anyway
         return None
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lora_prep.tasks.errors import IntegrityError, InvalidInput
+from lora_prep.tasks.manifest import read_manifest
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
 
 INPUT = torch.tensor([[1, 7, 42, 99, 3, 250]])
@@ -24,16 +25,16 @@ def _build(repo_id: str, cache: Path, out: Path, lora: LoraSettings):
     from lora_prep.tasks.build import build_adapter_ready
     from lora_prep.tasks.download import download_snapshot
     from lora_prep.tasks.hardware import probe_hardware
-    from lora_prep.tasks.hub import resolve_repo
-    from lora_prep.tasks.plan import ModelFacts, plan_load
+    from lora_prep.tasks.plan import plan_prepare
+    from lora_prep.tasks.resolve import resolve_repo
 
-    source, load = SourceSettings(cache_dir=str(cache)), LoadSettings()
+    source, load, output = SourceSettings(cache_dir=str(cache)), LoadSettings(), OutputSettings(output_dir=str(out))
     facts = resolve_repo(repo_id, "main", source)
     profile = probe_hardware(str(cache))
-    plan = plan_load(profile, ModelFacts.from_repo_facts(facts), load, "main")
+    plan = plan_prepare(profile, facts, load, lora, output, "main", source)
     snapshot = download_snapshot(facts, source)
-    built = build_adapter_ready(snapshot, facts, profile, plan, load, lora, OutputSettings(output_dir=str(out)), {})
-    return built, snapshot, plan
+    built = build_adapter_ready(snapshot, facts, profile, plan, load, lora, output)
+    return built, snapshot, plan.load
 
 
 def _in_memory_logits(snapshot, plan, lora: LoraSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,27 +75,29 @@ def test_artifact_round_trip_gives_the_logits_of_the_in_memory_model(hub, hf_cac
     assert not torch.allclose(base, expected), "the adapter must change the output for this test to mean anything"
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert tokenizer.pad_token is not None
-    assert manifest["lora"]["target_modules"] == built.target_modules
+    assert manifest.lora.targets.target_modules == built.target_modules
 
 
 def test_manifest_records_the_pinned_base_files_plan_lora_versions_and_a_model_card(hub, hf_cache, tmp_path):
     built, snapshot, _ = _build("tiny/llama-sharded", hf_cache, tmp_path / "out", LoraSettings(r=2))
     art = Path(built.artifact_dir)
-    manifest = json.loads((art / "manifest.json").read_text())
+    raw = json.loads((art / "manifest.json").read_text())
+    manifest = read_manifest(art)
 
-    assert manifest["schema"] == "lora-prep/manifest@1"
-    base = manifest["base_model"]
-    assert base["repo_id"] == "tiny/llama-sharded" and base["revision"] == "main"
-    assert base["commit_sha"] == hub.repos["tiny/llama-sharded"].sha and base["offline"] is False
-    shards = [f for f in base["files"] if f["path"].endswith(".safetensors")]
-    assert len(shards) == 3 and all(len(f["sha256"]) == 64 and f["size"] > 0 for f in shards)
-    assert manifest["load_plan"]["dtype"] == "float32" and manifest["load_plan"]["reasons"]["dtype"]
-    assert manifest["load_plan"]["used"]["attn_implementation"] in ("sdpa", "eager")
-    assert manifest["lora"]["r"] == 2 and manifest["parameters"]["trainable"] == built.trainable_params
-    assert {"python", "torch", "transformers", "peft", "accelerate", "huggingface_hub", "prefect", "mlflow"} <= set(manifest["versions"])
-    assert manifest["hardware"]["cpu_count"] >= 1 and manifest["created_at"]
+    assert raw["schema"] == "lora-prep/manifest@2"
+    base = manifest.base_model
+    assert base.name_or_path == "tiny/llama-sharded" and base.source == "hub" and base.revision == "main"
+    assert base.commit_sha == hub.repos["tiny/llama-sharded"].sha and base.offline is False
+    shards = [f for f in base.files if f.path.endswith(".safetensors")]
+    assert len(shards) == 3 and all(len(f.sha256) == 64 and f.size > 0 for f in shards)
+    assert manifest.load_plan.dtype == "float32" and manifest.load_plan.reasons["dtype"]
+    assert manifest.load_used.attn_implementation in ("sdpa", "eager")
+    assert manifest.lora.settings.r == 2 and manifest.parameters.trainable == built.trainable_params
+    assert manifest.check.forward and manifest.check.backward and manifest.check.tokens >= 2
+    assert {"python", "torch", "transformers", "peft", "accelerate", "huggingface_hub", "prefect", "mlflow"} <= set(manifest.versions)
+    assert manifest.hardware.cpu_count >= 1 and manifest.created_at
     card = (art / "README.md").read_text()
-    assert base["commit_sha"] in card and "load_adapter_ready" in card
+    assert base.commit_sha in card and "from lora_prep import load_adapter_ready" in card and "AutoPeftModelForCausalLM" in card
     adapter_files = sorted(p.name for p in (art / "adapter").iterdir())
     assert "adapter_model.safetensors" in adapter_files and not [n for n in adapter_files if n.startswith("model")]
 
@@ -106,7 +109,7 @@ def test_load_back_refuses_a_base_whose_files_differ_from_the_manifest(hub, hf_c
     path = Path(built.artifact_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
     weights = next(f for f in manifest["base_model"]["files"] if f["path"] == "model.safetensors")
-    weights["sha256"] = "0" * 64  # the adapter claims to be made on other weights
+    weights["sha256"] = "0" * 64  # the adapter claims to be made on other weights (an edited manifest.json)
     path.write_text(json.dumps(manifest))
 
     with pytest.raises(IntegrityError) as err:
@@ -126,7 +129,7 @@ def test_load_back_repairs_a_tampered_cached_base_file_before_loading(hub, hf_ca
     ready = load_adapter_ready(built.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
     import hashlib
 
-    expected = next(f["sha256"] for f in ready.manifest["base_model"]["files"] if f["path"] == "model.safetensors")
+    expected = next(f.sha256 for f in ready.manifest.base_model.files if f.path == "model.safetensors")
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == expected
 
 
@@ -138,7 +141,7 @@ def test_a_crash_while_writing_leaves_no_complete_looking_artifact(tmp_path):
         from pathlib import Path
         from lora_prep.tasks.artifact import write_artifact
 
-        def fill(tmp: Path) -> dict:
+        def fill(tmp: Path):
             (tmp / "adapter").mkdir()
             (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 4096)
             os.kill(os.getpid(), signal.SIGKILL)  # the process dies mid-write: no cleanup runs
@@ -152,8 +155,6 @@ def test_a_crash_while_writing_leaves_no_complete_looking_artifact(tmp_path):
     left = list(parent.iterdir())
     assert len(left) == 1 and left[0].name.startswith(".tiny--llama--abc.partial-")
     assert not (parent / "tiny--llama--abc").exists()
-    from lora_prep.tasks.artifact import read_manifest
-
     with pytest.raises(InvalidInput):
         read_manifest(left[0])
 

@@ -95,7 +95,8 @@ def test_plan_is_a_dry_run_that_downloads_no_weights(capsys, hub, hf_cache):
     assert [f["path"] for f in report["files"] if f["cached"]] == ["config.json"]
     assert 0 < report["bytes_to_download"] < report["bytes_total"]
     assert report["fits"] and report["plan"]["dtype"] == "float32"
-    assert "model.layers.0.self_attn.q_proj" in report["target_modules"]
+    assert "model.layers.0.self_attn.q_proj" in report["targets"]["target_modules"]
+    assert report["targets"]["trainable_params"] > 0 and report["artifact_parent"]
     weights = [r for r in hub.records("*/model.safetensors", "GET")]
     assert all(r.range for r in weights), "only ranged header reads, no weights body"
 
@@ -135,7 +136,7 @@ def test_prepare_json_from_a_fresh_process_prints_one_parsable_object_and_load_r
     loaded = subprocess.run([lora_prep, "load", result["artifact_dir"], "--json"], capture_output=True, text=True, env=env, timeout=240)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     summary = json.loads(loaded.stdout)
-    assert summary["repo_id"] == "tiny/gpt2" and summary["commit_sha"] == result["commit_sha"]
+    assert summary["base"] == "tiny/gpt2" and summary["commit_sha"] == result["commit_sha"]
     assert summary["target_modules"] == result["target_modules"]
     assert summary["trainable_params"] == 0  # loaded frozen unless --trainable
 

@@ -19,7 +19,8 @@ from prefect import flow
 
 from lora_prep.tasks.download import Snapshot, download
 from lora_prep.tasks.errors import GatedRepo, InvalidInput, RepoNotFound, RevisionNotFound
-from lora_prep.tasks.hub import RepoFacts, get_token, resolve, resolve_repo
+from lora_prep.tasks.hf_env import get_token
+from lora_prep.tasks.resolve import RepoFacts, resolve, resolve_repo
 from lora_prep.tasks.settings import SourceSettings
 
 # Retries as declared on the tasks, without the waiting.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_prep.tasks.manifest import read_manifest
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -57,22 +58,27 @@ def test_prepare_records_one_finished_mlflow_run_with_params_metrics_tags_and_ad
     assert metrics["total_params"] == result.total_params
     assert metrics["bytes_downloaded"] == result.bytes_downloaded
     assert {"seconds.resolve", "seconds.download", "seconds.build", "seconds.track", "peak_rss_bytes"} <= set(metrics)
-    manifest = json.loads((Path(result.artifact_dir) / "manifest.json").read_text())
-    assert run.data.tags["prefect.flow_run_id"] == manifest["tracking"]["prefect_flow_run_id"]
+    manifest = read_manifest(result.artifact_dir)
+    assert run.data.tags["prefect.flow_run_id"] == manifest.prefect.flow_run_id
     assert run.data.tags["prefect.flow_run_name"] == "prepare-tiny/llama@main"
     assert run.data.tags["prefect.flow_name"] == "prepare-model"
-    assert manifest["tracking"]["mlflow_run_id"] == result.mlflow_run_id
+    assert manifest.tracking.mlflow_run_id == result.mlflow_run_id
+    # MLflow 3: the artifact is the run's logged model (the UI's "Logged models"), and the run's output.
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.model_id == manifest.tracking.logged_model_id and model.source_run_id == run.info.run_id
+    assert str(model.status) in ("READY", "LoggedModelStatus.READY") and [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     logged = _artifact_files(client, result.mlflow_run_id)
     assert {"artifact/manifest.json", "artifact/README.md", "artifact/adapter/adapter_model.safetensors", "artifact/adapter/adapter_config.json"} <= set(logged)
     assert any(p.startswith("artifact/tokenizer/") for p in logged)
     assert not [p for p in logged if p.endswith(("model.safetensors", ".bin", ".pth")) and "adapter" not in p.rsplit("/", 1)[-1]]
     # The adapter holds only the LoRA matrices: far smaller than the base weights.
-    base_bytes = sum(f["size"] for f in manifest["base_model"]["files"] if f["path"].endswith(".safetensors"))
+    base_bytes = sum(f.size for f in manifest.base_model.files if f.path.endswith(".safetensors"))
     assert logged["artifact/adapter/adapter_model.safetensors"] < base_bytes / 2
 
 
-def test_prepare_publishes_a_summary_and_a_link_to_the_mlflow_run_in_prefect(hub, hf_cache, mlflow_uri, tmp_path):
+def test_prepare_publishes_a_summary_that_says_how_to_open_the_sqlite_store_and_no_dead_link(hub, hf_cache, mlflow_uri, tmp_path):
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -86,8 +92,8 @@ def test_prepare_publishes_a_summary_and_a_link_to_the_mlflow_run_in_prefect(hub
 
     summary = asyncio.run(read("prepare-summary"))
     link = asyncio.run(read("mlflow-run"))
-    assert any(result.commit_sha in a.data and "c_attn" in a.data for a in summary)
-    assert any(result.mlflow_run_id in a.data for a in link)
+    assert any(result.commit_sha in a.data and "c_attn" in a.data and f"mlflow ui --backend-store-uri {mlflow_uri}" in a.data for a in summary)
+    assert result.mlflow_run_url is None and not link  # a SQLite store has no server to link to
 
 
 def test_prefect_result_storage_holds_nothing_over_one_megabyte_after_a_run(hub, hf_cache, mlflow_uri, tmp_path):
@@ -133,7 +139,7 @@ def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlfl
 
     ready = load_adapter_ready(result.model_uri, tracking_uri=mlflow_uri, source=SourceSettings(cache_dir=str(hf_cache)))
     local = load_adapter_ready(result.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
-    assert ready.manifest["base_model"]["commit_sha"] == result.commit_sha
+    assert ready.manifest.base_model.commit_sha == result.commit_sha
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.equal(ready.model(ids).logits, local.model(ids).logits)
@@ -226,8 +232,8 @@ def test_one_commit_prepared_under_several_revision_names_records_each_name_as_r
     # the third run is a cache hit on a record made under the name "main".
     for revision in ("main", "main", sha):
         result = _prepare("tiny/gpt2", hf_cache, mlflow_uri, tmp_path / "out", revision=revision)
-        manifest = json.loads((Path(result.artifact_dir) / "manifest.json").read_text())
-        assert manifest["base_model"]["revision"] == revision and manifest["base_model"]["commit_sha"] == sha
+        manifest = read_manifest(result.artifact_dir)
+        assert manifest.base_model.revision == revision and manifest.base_model.commit_sha == sha
         assert MlflowClient(mlflow_uri).get_run(result.mlflow_run_id).data.params["revision"] == revision
     assert result.from_cache and result.bytes_downloaded == 0
 

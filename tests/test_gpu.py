@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lora_prep.tasks.hardware import probe_hardware  # noqa: E402
-from lora_prep.tasks.plan import ModelFacts, plan_load  # noqa: E402
+from lora_prep.tasks.load_plan import ModelFacts, plan_load  # noqa: E402
 from lora_prep.tasks.settings import LoadSettings  # noqa: E402
 
 pytestmark = [

@@ -32,8 +32,11 @@ def test_missing_cache_dir_is_measured_at_its_nearest_existing_parent_and_not_cr
     assert not (tmp_path / "not").exists()
 
 
-def test_default_cache_dir_follows_hf_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+def test_default_cache_dir_is_the_one_huggingface_hub_uses(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_CACHE / HF_HOME / XDG_CACHE_HOME once, at import: its constant is the truth.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert probe_hardware().cache_dir == str(tmp_path / "hub")
 
 

@@ -1,4 +1,4 @@
-"""Spec of stage 1, resolve (tasks/hub.py): revision -> commit sha, file selection, metadata
+"""Spec of stage 1, resolve (tasks/resolve.py): revision -> commit sha, file selection, metadata
 without weights, typed fail-fast errors, and facts read from the cache when offline.
 
 Everything talks over real HTTP to tests/hubserver.py with the real huggingface_hub client.
@@ -22,7 +22,9 @@ from lora_prep.tasks.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from lora_prep.tasks.hub import get_token, resolve_repo, select_files
+from lora_prep.tasks.hf_env import get_token
+from lora_prep.tasks.resolve import resolve_repo
+from lora_prep.tasks.selection import select_files
 from lora_prep.tasks.settings import SourceSettings
 from tests.model_factory import build_model_dir
 

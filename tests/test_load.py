@@ -18,8 +18,9 @@ import torch
 
 from lora_prep.tasks.errors import InvalidInput, PickleRefused, RemoteCodeRefused
 from lora_prep.tasks.hardware import probe_hardware
-from lora_prep.tasks.load import NEW_PAD_TOKEN, LoadReport, bnb_config, choose_pad_token, load_model, load_tokenizer
-from lora_prep.tasks.plan import ModelFacts, plan_load
+from lora_prep.tasks.load import LoadReport, bnb_config, load_model
+from lora_prep.tasks.tokenizer import NEW_PAD_TOKEN, choose_pad_token, load_tokenizer
+from lora_prep.tasks.load_plan import ModelFacts, plan_load
 from lora_prep.tasks.settings import LoadSettings, LoraSettings
 from tests.model_factory import ARCHS, EOS_ID, REMOTE_CODE_MARKER_ENV, build_model_dir
 

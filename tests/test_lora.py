@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
-from lora_prep.tasks.lora import LoraReport, resolve_targets, wrap_lora
+from lora_prep.tasks.lora import LoraReport, wrap_lora
+from lora_prep.tasks.targets import resolve_targets as resolve_target_plan
 from lora_prep.tasks.settings import LoraSettings
 from tests.model_factory import ARCHS, HIDDEN, VOCAB_SIZE, build_model_dir
 
@@ -48,6 +49,11 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def load(model_dirs):
     """A fresh base model per call (wrap_lora modifies the model in place)."""
     return lambda arch: AutoModelForCausalLM.from_pretrained(model_dirs[arch])
+
+
+def resolve_targets(model, settings: LoraSettings) -> list[str]:
+    """The module names a settings resolve to (the TargetPlan's target_modules)."""
+    return resolve_target_plan(model, settings).target_modules
 
 
 def in_out(module) -> tuple[int, int]:
@@ -331,14 +337,14 @@ def test_targeting_the_tied_gpt2_head_also_wraps_the_tied_embedding_and_stays_sm
     assert report.adapter_bytes < VOCAB_SIZE * HIDDEN * 4 and report.warnings == []
 
 
-def test_resized_vocabulary_makes_peft_save_full_embeddings_and_the_report_says_so(load, tmp_path):
+def test_a_resized_vocabulary_is_saved_with_the_adapter_and_the_report_says_so(load, tmp_path):
     from safetensors import safe_open
 
     model = load("llama")
     model.resize_token_embeddings(VOCAB_SIZE + 64, mean_resizing=False)  # as adding a pad token does
 
-    peft_model, report = wrap_lora(model, LoraSettings(r=4))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model, report = wrap_lora(model, LoraSettings(r=4), embeddings_resized=True)
+    peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=report.save_embedding_layers)
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
         saved = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
 

@@ -8,7 +8,7 @@ import pytest
 
 from lora_prep.tasks.errors import DoesNotFit, InvalidInput, RemoteCodeRefused
 from lora_prep.tasks.hardware import CudaDevice, HardwareProfile, PackageCheck
-from lora_prep.tasks.plan import LoadPlan, ModelFacts, parse_size, plan_load, weights_bytes
+from lora_prep.tasks.load_plan import LoadPlan, ModelFacts, parse_size, plan_load, weights_bytes
 from lora_prep.tasks.settings import LoadSettings
 
 GiB = 2**30
@@ -359,6 +359,7 @@ def test_from_config_does_not_trust_transformers_flags_for_remote_code():
 def test_from_repo_facts_takes_what_the_resolve_stage_read():
     repo = SimpleNamespace(
         repo_id="o/llama", commit_sha=SHA, config=LLAMA_CONFIG, param_count=None, stored_dtypes={}, weight_bytes=8000,
+        source="hub", code_digest=None,
     )  # fmt: skip
     facts = ModelFacts.from_repo_facts(repo, look_up_attention=False)
     assert (facts.repo_id, facts.weight_bytes, facts.param_count, facts.param_count_estimated) == ("o/llama", 8000, 4000, True)
@@ -373,11 +374,13 @@ def test_plan_task_is_a_prefect_task_that_plans_from_repo_facts():
     pytest.importorskip("prefect")
     from prefect.cache_policies import NO_CACHE
 
-    from lora_prep.tasks.plan import plan_task
+    from lora_prep.tasks.load_plan import plan_for_repo
+    from lora_prep.tasks.plan import plan_prepare, plan_task
 
     assert plan_task.name == "plan" and plan_task.cache_policy == NO_CACHE and plan_task.retries == 0
+    assert plan_task.fn is plan_prepare
     repo = SimpleNamespace(
         repo_id="o/llama", commit_sha=SHA, config=LLAMA_CONFIG, param_count=1000, stored_dtypes={"BF16": 1000},
-        weight_bytes=2000,
+        weight_bytes=2000, source="hub", code_digest=None,
     )  # fmt: skip
-    assert plan_task.fn(A100, repo, LoadSettings(), "main").target_device == "cuda:0"
+    assert plan_for_repo(A100, repo, LoadSettings(), "main").target_device == "cuda:0"

@@ -77,7 +77,7 @@ def test_a_failed_run_at_the_same_commit_does_not_count_as_prepared(bed):
     from mlflow.tracking import MlflowClient
 
     from lora_prep.flows.refresh import find_prepared_run
-    from lora_prep.tasks.hub import resolve_repo
+    from lora_prep.tasks.resolve import resolve_repo
 
     tracking = TrackingSettings(tracking_uri=bed["settings"]["tracking"].tracking_uri, experiment="refresh-failed")
     sha = resolve_repo(REPO, "main", bed["settings"]["source"]).commit_sha

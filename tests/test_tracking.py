@@ -7,25 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lora_prep.tasks.artifact import write_artifact
+from lora_prep.tasks.mlflow_store import resolve_tracking_uri
 from lora_prep.tasks.settings import TrackingSettings
-from lora_prep.tasks.tracking import log_artifact_run, resolve_tracking_uri
+from lora_prep.tasks.tracking import log_artifact_run
+from tests.manifests import sample_artifact
 
 
 def _artifact(parent: Path) -> Path:
-    def fill(tmp: Path) -> dict:
-        (tmp / "adapter").mkdir()
-        (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
-        return {
-            "created_at": "2026-11-28T00:00:00+00:00",
-            "base_model": {"repo_id": "tiny/llama", "revision": "main", "commit_sha": "a" * 40, "files": [], "offline": False},
-            "load_plan": {"dtype": "float32", "device_map": "cpu", "reasons": {}},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "init_lora_weights": True, "target_modules": ["model.layers.0.self_attn.q_proj"]},
-            "parameters": {"total": 100, "trainable": 10},
-            "tracking": {},
-        }
-
-    return write_artifact(parent, "art", fill, lambda m: "card\n")
+    return sample_artifact(parent)
 
 
 def test_tracking_uri_comes_from_the_parameter_then_the_environment_then_the_per_user_store(lora_home, monkeypatch):
@@ -49,7 +38,7 @@ def test_the_default_store_keeps_database_and_artifacts_in_the_per_user_director
     assert list(cwd.iterdir()) == []  # no ./mlruns, no ./mlflow.db
     assert (lora_home / "mlflow.db").is_file()
     logged = list((lora_home / "mlartifacts").rglob("adapter_model.safetensors"))
-    assert len(logged) == 1
+    assert len(logged) == 2  # the run's artifact/ directory and its logged model
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["commit_sha"] == "a" * 40
 
@@ -76,4 +65,5 @@ def test_flow_parameters_are_validated_as_the_prefect_ui_form_would(prefect_harn
     assert "r" in text and "dropout" in text and "dtype" in text
     schema = prepare_model.parameters.model_dump()
     lora = schema["definitions"]["LoraSettings"]["properties"]
+    assert lora["r"]["title"] == "Rank (r)"
     assert lora["r"]["exclusiveMinimum"] == 0 and lora["r"]["description"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_prep.tasks.manifest import read_manifest
 from lora_prep.tasks.settings import LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -66,20 +67,19 @@ def test_base_weights_are_bit_identical_after_training(trained):
 def test_the_new_artifact_records_its_parent_and_the_training(trained, bed):
     client = _client(bed)
     parent_run = client.get_run(trained.parent_mlflow_run_id)
-    manifest = json.loads((Path(trained.artifact_dir) / "manifest.json").read_text())
+    manifest = read_manifest(trained.artifact_dir)
 
-    assert manifest["schema"] == "lora-prep/manifest@1"
-    assert manifest["parent"] == {"artifact_dir": parent_run.data.tags["lora_prep.artifact_dir"], "mlflow_run_id": parent_run.info.run_id}
-    assert Path(trained.artifact_dir) != Path(manifest["parent"]["artifact_dir"])
-    training = manifest["training"]
-    assert training["steps"] == STEPS and training["lr"] == 1e-2
-    assert training["losses"] == trained.losses and training["final_loss"] == trained.losses[-1]
-    # The base is the parent's: same commit and file hashes.
-    parent_manifest = json.loads((Path(manifest["parent"]["artifact_dir"]) / "manifest.json").read_text())
-    assert manifest["base_model"] == parent_manifest["base_model"]
-    adapter_files = {f["path"] for f in manifest["adapter"]["files"]}
-    assert "adapter/adapter_model.safetensors" in adapter_files
-    assert manifest["tracking"]["mlflow_run_id"] == trained.mlflow_run_id
+    assert manifest.parent.artifact == parent_run.data.tags["lora_prep.artifact_dir"]
+    assert manifest.parent.mlflow_run_id == parent_run.info.run_id
+    assert Path(trained.artifact_dir) != Path(manifest.parent.artifact)
+    training = manifest.training
+    assert training.steps == STEPS and training.lr == 1e-2
+    assert training.losses == trained.losses and training.final_loss == trained.losses[-1]
+    # The base is the parent's: same commit and file hashes; extended through the model, not rewritten.
+    parent_manifest = read_manifest(manifest.parent.artifact)
+    assert manifest.base_model == parent_manifest.base_model and manifest.lora == parent_manifest.lora
+    assert manifest.adapter.trained and "adapter/adapter_model.safetensors" in {f.path for f in manifest.adapter.files}
+    assert manifest.tracking.mlflow_run_id == trained.mlflow_run_id
     assert (Path(trained.artifact_dir) / "README.md").read_text().count("## Training") == 1
 
 

@@ -1,0 +1,42 @@
+"""`lora-prep doctor`: close what crashed runs left behind on this machine.
+
+- MLflow runs left RUNNING by a process that died, or whose Prefect flow run already ended: FAILED;
+- ``.<name>.partial-*`` artifact directories of dead processes: removed;
+- ``*.incomplete`` files that killed downloads left in the HF cache: removed.
+Each preparation does the same for its own store, output directory and repo when it starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def doctor(tracking_uri: str | None, experiment: str, output_dir: str | None) -> dict:
+    from lora_prep.tasks.artifact import clean_stale_partials
+    from lora_prep.tasks.hf_cache import clean_orphaned_downloads
+    from lora_prep.tasks.hf_env import cache_dir_for
+    from lora_prep.tasks.mlflow_store import client, mlflow_errors, resolve_tracking_uri
+    from lora_prep.tasks.paths import default_artifacts_dir
+    from lora_prep.tasks.reaper import reap_stale_runs
+    from lora_prep.tasks.settings import TrackingSettings
+
+    uri = resolve_tracking_uri(TrackingSettings(tracking_uri=tracking_uri, experiment=experiment))
+    closed: list[str] = []
+    with mlflow_errors(uri):
+        mlflow = client(uri)
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            closed = reap_stale_runs(mlflow, [found.experiment_id])
+    parent = Path(output_dir).expanduser() if output_dir else default_artifacts_dir()
+    partials = clean_stale_partials(parent)
+    cache = Path(cache_dir_for())
+    incomplete = []
+    for repo in sorted(cache.glob("models--*")):
+        repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
+        incomplete += clean_orphaned_downloads(str(cache), repo_id)
+    return {
+        "tracking_uri": uri,
+        "runs_closed": closed,
+        "partial_artifacts_removed": partials,
+        "incomplete_downloads_removed": incomplete,
+    }

@@ -1,0 +1,96 @@
+"""Which Prefect API a CLI run uses, and what the user is told when it stops answering.
+
+- PREFECT_API_URL set: that server (a team's, or `prefect server start`).
+- otherwise the shared local server (lora_prep/local_server.py), started on first use; with
+  ``LORA_PREP_PREFECT=ephemeral``, Prefect's own per-process ephemeral server instead.
+
+A Prefect API that dies mid-run surfaces as an ``httpx`` transport error from deep inside the
+flow engine (Prefect's client is the only httpx user here: huggingface_hub uses httpx2, MLflow
+requests). ``run()`` turns it into one line naming the API URL and what to do, and closes the
+run's MLflow run FAILED, since the flow's own failure hooks need that API to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from lora_prep.tasks.errors import OrchestratorUnavailable
+
+# Started at CLI start, while the Prefect API is found or started: the first imports of torch,
+# transformers and PEFT take seconds that the build stage would otherwise pay later.
+HEAVY_IMPORTS = ("torch", "transformers", "peft", "lora_prep.tasks.load", "lora_prep.tasks.lora", "lora_prep.tasks.anatomy")
+
+
+def import_in_background(modules: tuple[str, ...] = HEAVY_IMPORTS) -> threading.Thread:
+    import importlib
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the real import in the main thread reports it
+                return
+
+    thread = threading.Thread(target=run, name="lora-prep-imports", daemon=True)
+    thread.start()
+    return thread
+
+
+class PrefectApi:
+    def __init__(self, url: str | None, kind: str) -> None:
+        self.url, self.kind = url, kind
+
+    def run(self, flow, **parameters: Any):
+        """Call the flow; a Prefect API that stops answering becomes OrchestratorUnavailable."""
+        try:
+            return flow(**parameters)
+        except BaseException as exc:
+            if not _is_prefect_transport_error(exc):
+                raise
+            from lora_prep.tasks.tracking import close_runs_of_this_process
+
+            close_runs_of_this_process(parameters.get("tracking"), f"the Prefect API at {self.url} stopped answering")
+            fix = ("start it again (prefect server start), or unset PREFECT_API_URL to use lora-prep's local server"
+                   if self.kind == "external" else "run again: lora-prep starts its local server anew")
+            raise OrchestratorUnavailable(
+                f"the Prefect API at {self.url} stopped answering during the run ({type(exc).__name__}): {fix}; "
+                "a partial artifact is cleaned up by the next run, and the MLflow run is marked FAILED.",
+                prefect_api_url=self.url,
+            ) from exc
+
+
+def _is_prefect_transport_error(exc: BaseException) -> bool:
+    import httpx
+
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, httpx.TransportError):
+            return True
+        if isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code >= 500:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[PrefectApi]:
+    """Point this process at a Prefect API before Prefect is imported (its settings are read then)."""
+    import_in_background()  # never joined: the flow's own imports take the import locks in turn
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        yield PrefectApi(url, "external")
+    elif os.environ.get("LORA_PREP_PREFECT") == "ephemeral":
+        yield PrefectApi("(ephemeral)", "ephemeral")
+    else:
+        from lora_prep import local_server
+
+        url = local_server.ensure()
+        os.environ["PREFECT_API_URL"] = url  # this process only: the CLI is ours
+        yield PrefectApi(url, "local")

@@ -1,0 +1,97 @@
+"""Nothing is left RUNNING: close the MLflow runs (and Prefect flow runs) of preparations whose process died.
+
+A run's process can die without a failure hook running (SIGKILL, the OOM killer, a lost
+machine). Every run carries the host, pid and process start time of the process that owns it
+(tasks/tracking.py ``process_tags``); a RUNNING run is stale when
+
+- it belongs to this host and that process no longer exists (or the pid now belongs to a
+  process started later: pid reuse), or
+- its Prefect flow run is already in a final state (Crashed, Failed, Cancelled, Completed):
+  Prefect knows the run is over, so the MLflow run is too.
+
+Stale runs are marked FAILED with a tag saying why; a Prefect flow run still shown Running
+whose process is gone from this host is set Crashed. The next preparation does this on start,
+and so do ``lora-prep log`` and ``lora-prep doctor``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from lora_prep.tasks.tracking import FLOW_RUN_TAG, HOST_TAG, PID_TAG, STARTED_TAG
+
+log = logging.getLogger(__name__)
+
+REASON_TAG = "lora_prep.closed_by"
+_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def process_gone(pid: int, started: float | None) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
+    if process.status() == psutil.STATUS_ZOMBIE:
+        return True
+    # Another process reusing the pid started later than the run's own process.
+    return started is not None and abs(process.create_time() - started) > 1.0
+
+
+def _flow_run_state(flow_run_id: str) -> str | None:
+    """The Prefect flow run's state type, or None when there is no reachable Prefect API (or no such run)."""
+    try:
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            return None
+        with get_client(sync_client=True) as prefect:
+            run = prefect.read_flow_run(flow_run_id)
+        return run.state.type.value if run.state else None
+    except Exception:  # no API, not found, unreachable: Prefect cannot tell; the process check still applies
+        return None
+
+
+def _crash_flow_run(flow_run_id: str, why: str) -> None:
+    try:
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_URL
+        from prefect.states import Crashed
+
+        if not PREFECT_API_URL.value():
+            return
+        with get_client(sync_client=True) as prefect:
+            prefect.set_flow_run_state(flow_run_id, Crashed(message=why), force=True)
+    except Exception as exc:  # best effort: the MLflow side is what this module guarantees
+        log.warning("could not mark Prefect flow run %s Crashed: %s", flow_run_id, exc)
+
+
+def reap_stale_runs(mlflow, experiment_ids: list[str], *, ask_prefect: bool = True) -> list[str]:
+    """Mark stale RUNNING runs of these experiments FAILED; returns their run ids."""
+    host = socket.gethostname()
+    closed = []
+    runs = mlflow.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=500)
+    for run in runs:
+        tags = run.data.tags
+        flow_run_id = tags.get(FLOW_RUN_TAG)
+        why = None
+        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
+            started = float(tags[STARTED_TAG]) if tags.get(STARTED_TAG) else None
+            if process_gone(int(tags[PID_TAG]), started):
+                why = f"its process {tags[PID_TAG]} on {host} is gone (killed or crashed)"
+                if flow_run_id and ask_prefect and _flow_run_state(flow_run_id) in ("RUNNING", "PENDING"):
+                    _crash_flow_run(flow_run_id, f"lora-prep: {why}")
+        if why is None and flow_run_id and ask_prefect:
+            state = _flow_run_state(flow_run_id)
+            if state in _FINAL:
+                why = f"its Prefect flow run {flow_run_id} ended {state}"
+        if why is None:
+            continue
+        mlflow.set_tag(run.info.run_id, REASON_TAG, why)
+        mlflow.set_terminated(run.info.run_id, "FAILED")
+        closed.append(run.info.run_id)
+        log.warning("MLflow run %s was left RUNNING and is now FAILED: %s", run.info.run_id, why)
+    return closed
