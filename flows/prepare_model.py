@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import deployment, flow_run
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lora_prep.run_support import StageClock, library_logs_to_prefect, publish_run_artifacts
+from lora_prep.run_support import StageClock, library_logs_to_prefect, prefect_record, prefect_tags, publish_run_artifacts
 from lora_prep.tasks.build import build
 from lora_prep.tasks.download import download
 from lora_prep.tasks.hardware import probe
-from lora_prep.tasks.manifest import PrefectRecord
 from lora_prep.tasks.plan import plan_task
 from lora_prep.tasks.resolve import RepoFacts, resolve
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
@@ -50,29 +48,10 @@ class PreparedModel(BaseModel):
     seconds: dict[str, float]
 
 
-def _prefect_tags() -> dict[str, str]:
-    tags = {
-        "prefect.flow_run_id": str(flow_run.id),
-        "prefect.flow_run_name": str(flow_run.name),
-        "prefect.flow_name": str(flow_run.flow_name),
-    }
-    if flow_run.ui_url:
-        tags["prefect.flow_run_url"] = flow_run.ui_url
-    if deployment.id:
-        tags["prefect.deployment_id"] = str(deployment.id)
-        tags["prefect.deployment_name"] = str(deployment.name)
-    return tags
-
-
-def _prefect_record() -> PrefectRecord:
-    return PrefectRecord(flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name),
-                         deployment_name=str(deployment.name) if deployment.id else None)
-
-
 @task(name="open-mlflow-run", cache_policy=NO_CACHE, timeout_seconds=300)
 def open_run(tracking: TrackingSettings, facts: RepoFacts) -> str | None:
     params = {"model_id": facts.repo_id, "source": facts.source, "revision": facts.revision, "commit_sha": facts.commit_sha or ""}
-    return start_run(tracking, _prefect_tags(), params)
+    return start_run(tracking, prefect_tags(), params)
 
 
 def _mark_run_failed(flow, run, state) -> None:
@@ -130,9 +109,9 @@ def prepare_model(
         with clock("download"):
             snapshot = download(facts, source)
         with clock("build"):
-            built = build(snapshot, facts, profile, plan, load, lora, output, _prefect_record(), source.allow_pickle)
+            built = build(snapshot, facts, profile, plan, load, lora, output, prefect_record(), source.allow_pickle)
         with clock("track"):
-            tracked = track_task(built.artifact_dir, tracking, _prefect_tags(), clock.metrics(built, snapshot))
+            tracked = track_task(built.artifact_dir, tracking, prefect_tags(), clock.metrics(built, snapshot))
         result = PreparedModel(
             artifact_dir=built.artifact_dir,
             repo_id=facts.repo_id,

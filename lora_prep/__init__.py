@@ -34,7 +34,11 @@ _API = {
     "LoraPrepError": "lora_prep.tasks.errors",
 }
 
-__all__ = sorted(_API)
+__all__ = [
+    "AdapterReady", "LoadSettings", "LoraPrepError", "LoraSettings", "Manifest", "OutputSettings", "PreparedModel",
+    "SourceSettings", "TrackingSettings", "load_adapter_ready", "prepare_model",
+]
+assert set(__all__) == set(_API)
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on demand
     from lora_prep.flows.prepare_model import PreparedModel, prepare_model

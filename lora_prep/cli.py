@@ -19,9 +19,10 @@ from lora_prep.cli_options import UsageError, add_settings_options, settings_fro
 
 EXIT_OK = 0
 # lora-prep's own bound on the Prefect client in this process (set before Prefect is imported, so
-# every Prefect thread sees it; values the user exported win): a Prefect API that dies mid-run ends
-# the run within a minute instead of ~3 (5 retries with 2**n s backoff, then the log drain again).
-PREFECT_CLIENT_BOUND = {"PREFECT_CLIENT_MAX_RETRIES": "2", "PREFECT_CLIENT_RETRY_JITTER_FACTOR": "0", "PREFECT_API_REQUEST_TIMEOUT": "20"}
+# every Prefect thread sees it; values the user exported win): 3 retries, 2+4+8 s, so a Prefect API
+# that dies mid-run ends the run within a minute instead of ~3 (5 retries, 62 s per call, then the
+# log drain again), while a busy server's 503s (8 runs at once on a SQLite-backed one) still pass.
+PREFECT_CLIENT_BOUND = {"PREFECT_CLIENT_MAX_RETRIES": "3", "PREFECT_API_REQUEST_TIMEOUT": "20"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,13 +34,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _OnlyWarnings(logging.Filter):
-    """Console only: of Prefect's own records keep the warnings. Its INFO lines (run started,
-    "Finished in state Failed(<the error again>)") and ERROR lines (tracebacks) would repeat what
-    the CLI says in its summary or its one error line. The Prefect UI still gets them all;
-    --debug shows them here too. Download progress bars are not log records and stay."""
+    """Console only: of Prefect's own records keep the warnings about the run. Its INFO lines (run
+    started, "Finished in state Failed(<the error again>)") and ERROR lines (tracebacks) would repeat
+    what the CLI says in its summary or its one error line, and its client's complaints about a lost
+    API connection (prefect.events, prefect._internal) are what the one error line says, once. The
+    Prefect UI still gets the run's records; --debug shows them all here too. Download progress bars
+    are not log records and stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("prefect") or record.levelno == logging.WARNING
+        if not record.name.startswith("prefect"):
+            return True
+        return record.levelno == logging.WARNING and not record.name.startswith(("prefect.events", "prefect._internal"))
 
 
 def _quiet_console(debug: bool) -> None:
@@ -50,7 +55,8 @@ def _quiet_console(debug: bool) -> None:
 
     if not configuration.PROCESS_LOGGING_CONFIG:
         configuration.setup_logging()
-    for handler in logging.getLogger().handlers:
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for handler in {id(h): h for lg in loggers for h in lg.handlers}.values():
         if isinstance(handler, PrefectConsoleHandler):
             handler.addFilter(_OnlyWarnings())
 
@@ -229,6 +235,9 @@ def console_main() -> None:
     """The `lora-prep` console script: this process is ours, so Prefect's client is bounded for it."""
     for key, value in PREFECT_CLIENT_BOUND.items():
         os.environ.setdefault(key, value)
+    # Production logging: a handler that fails (Prefect's API log shipping once its API is gone)
+    # does not print its own traceback or "--- Error logging to API ---" under our one error line.
+    logging.raiseExceptions = False
     sys.exit(main())
 
 

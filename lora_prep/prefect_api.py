@@ -49,7 +49,8 @@ class PrefectApi:
         try:
             return flow(**parameters)
         except BaseException as exc:
-            if not _is_prefect_transport_error(exc):
+            what = _prefect_transport_error(exc)
+            if what is None:
                 raise
             from lora_prep.tasks.tracking import close_runs_of_this_process
 
@@ -57,13 +58,14 @@ class PrefectApi:
             fix = ("start it again (prefect server start), or unset PREFECT_API_URL to use lora-prep's local server"
                    if self.kind == "external" else "run again: lora-prep starts its local server anew")
             raise OrchestratorUnavailable(
-                f"the Prefect API at {self.url} stopped answering during the run ({type(exc).__name__}): {fix}; "
+                f"the Prefect API at {self.url} stopped answering during the run ({what}): {fix}; "
                 "a partial artifact is cleaned up by the next run, and the MLflow run is marked FAILED.",
                 prefect_api_url=self.url,
             ) from exc
 
 
-def _is_prefect_transport_error(exc: BaseException) -> bool:
+def _prefect_transport_error(exc: BaseException) -> str | None:
+    """What failed, when a Prefect API call is what broke the run: 'ConnectError', 'HTTP 503 on POST /api/...'."""
     import httpx
 
     from prefect.exceptions import PrefectHTTPStatusError
@@ -72,11 +74,12 @@ def _is_prefect_transport_error(exc: BaseException) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, httpx.TransportError):
-            return True
+            return type(exc).__name__
         if isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code >= 500:
-            return True
+            request = exc.request
+            return f"HTTP {exc.response.status_code} on {request.method} {request.url.path}"
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
 
 
 @contextlib.contextmanager

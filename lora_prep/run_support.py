@@ -1,4 +1,4 @@
-"""What the prepare flow needs around its stages: timings, library logs, Prefect artifacts."""
+"""What the flows need around their stages: timings, library logs, the flow run as tags and record, Prefect artifacts."""
 
 from __future__ import annotations
 
@@ -104,3 +104,30 @@ def publish_run_artifacts(result, plan) -> None:
                              description=f"{result.repo_id}@{(result.commit_sha or result.content_digest)[:12]}")
     if result.mlflow_run_url:  # only where a server answers at that URL (tasks/tracking.py run_url)
         create_link_artifact(key="mlflow-run", link=result.mlflow_run_url, link_text=f"MLflow run {result.mlflow_run_id}")
+
+
+def prefect_tags() -> dict[str, str]:
+    """The current flow run, as MLflow tags (the run is found again by prefect.flow_run_id)."""
+    from prefect.runtime import deployment, flow_run
+
+    tags = {
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": str(flow_run.name),
+        "prefect.flow_name": str(flow_run.flow_name),
+    }
+    if flow_run.ui_url:
+        tags["prefect.flow_run_url"] = flow_run.ui_url
+    if deployment.id:
+        tags["prefect.deployment_id"] = str(deployment.id)
+        tags["prefect.deployment_name"] = str(deployment.name)
+    return tags
+
+
+def prefect_record():
+    """The current flow run, for the manifest."""
+    from prefect.runtime import deployment, flow_run
+
+    from lora_prep.tasks.manifest import PrefectRecord
+
+    return PrefectRecord(flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name),
+                         deployment_name=str(deployment.name) if deployment.id else None)

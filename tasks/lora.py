@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from lora_prep.tasks.anatomy import matching, tied
 from lora_prep.tasks.errors import InvalidInput
 from lora_prep.tasks.settings import LoraSettings
-from lora_prep.tasks.targets import TargetPlan, config_for, resolve_targets
+from lora_prep.tasks.lora_config import config_for
+from lora_prep.tasks.targets import TargetPlan, resolve_targets
 from lora_prep.tasks.units import format_bytes
 
 log = logging.getLogger(__name__)

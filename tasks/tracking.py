@@ -31,6 +31,7 @@ from lora_prep.tasks.errors import TrackingUnavailable
 from lora_prep.tasks.manifest import Manifest, TrackingRecord, read_manifest
 from lora_prep.tasks.mlflow_store import client, is_server, mlflow_errors, resolve_tracking_uri, sqlite_artifact_root
 from lora_prep.tasks.registry import register
+from lora_prep.tasks.run_records import clip, manifest_metrics, manifest_params, metric, param, tag
 from lora_prep.tasks.settings import TrackingSettings
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ MODEL_NAME = "lora-adapter"
 HOST_TAG, PID_TAG, STARTED_TAG = "lora_prep.host", "lora_prep.pid", "lora_prep.process_started"
 # MLflow 3's UI shows an experiment tagged so in its model-training view (not the GenAI one).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-_PARAM_MAX = 6000  # MLflow's cap on a param value, in characters
 
 
 class TrackingResult(BaseModel):
@@ -120,7 +120,7 @@ def _find_or_create_run(mlflow, experiment: str, tags: dict[str, str], run_name:
         run = find_run(mlflow, experiment, flow_run_id)
         if run is not None:
             mlflow.update_run(run.info.run_id, status="RUNNING")
-            mlflow.log_batch(run.info.run_id, tags=[_tag(k, v) for k, v in {**tags, **process_tags()}.items()])
+            mlflow.log_batch(run.info.run_id, tags=[tag(k, v) for k, v in {**tags, **process_tags()}.items()])
             return run.info.run_id
     return mlflow.create_run(experiment, tags={**tags, **process_tags()}, run_name=run_name).info.run_id
 
@@ -138,7 +138,7 @@ def start_run(settings: TrackingSettings, tags: dict[str, str], params: dict[str
             experiment = experiment_id(mlflow, settings.experiment, uri)
             reap_stale_runs(mlflow, [experiment])
             run_id = _find_or_create_run(mlflow, experiment, tags, tags.get("prefect.flow_run_name") or "lora-prep")
-            mlflow.log_batch(run_id, params=[_param(k, v) for k, v in _clip(params).items()])
+            mlflow.log_batch(run_id, params=[param(k, v) for k, v in clip(params).items()])
             return run_id
     except TrackingUnavailable as exc:
         log.warning("%s; continuing, the run will be logged at the end.", str(exc).rstrip("."))
@@ -161,7 +161,7 @@ def fail_run(settings: TrackingSettings, flow_run_id: str, reason: str = "the fl
                 return
             run = find_run(mlflow, experiment.experiment_id, flow_run_id)
             if run is not None and run.info.status == "RUNNING":
-                mlflow.set_tag(run.info.run_id, "lora_prep.failure", reason[:_PARAM_MAX])
+                mlflow.set_tag(run.info.run_id, "lora_prep.failure", reason[:6000])
                 mlflow.set_terminated(run.info.run_id, "FAILED")
     except Exception as exc:  # a failure hook: the flow already failed for its own reason
         log.warning("could not mark the MLflow run of flow run %s as FAILED: %s", flow_run_id, exc)
@@ -185,48 +185,6 @@ def close_runs_of_this_process(settings: TrackingSettings | None, reason: str) -
     return closed
 
 
-def _clip(params: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for key, value in params.items():
-        text = value if isinstance(value, str) else str(value)
-        out[key] = text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 20] + "...(see manifest)"
-    return out
-
-
-def manifest_params(manifest: Manifest) -> dict[str, str]:
-    base, plan, used, lora = manifest.base_model, manifest.load_plan, manifest.load_used, manifest.lora
-    t = lora.targets
-    params: dict[str, Any] = {
-        "model_id": base.name_or_path, "source": base.source, "revision": base.revision, "commit_sha": base.commit_sha or "",
-        "content_digest": base.content_digest, "offline": base.offline,
-    }
-    for key in ("dtype", "attn_implementation", "device_map", "quantization", "max_memory", "gradient_checkpointing", "trust_remote_code"):
-        params[f"plan.{key}"] = getattr(plan, key)
-    for key, value in used.model_dump(mode="json").items():
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            params[f"plan.used.{key}"] = value
-    for key, value in lora.settings.model_dump(mode="json").items():
-        params[f"lora.{key}"] = value
-    params.update({
-        "lora.dropout": t.dropout, "lora.dropout_reason": t.dropout_reason,
-        "lora.target_modules": sorted({m.rsplit(".", 1)[-1] for m in t.target_modules}),
-        "lora.target_modules_count": len(t.target_modules),
-        "lora.target_parameters": t.expert_parameter_leaves, "lora.target_parameters_count": len(t.target_parameters),
-        "lora.excluded_count": len(t.excluded),
-    })
-    return _clip(params)
-
-
-def _metrics(manifest: Manifest, run_stats: dict[str, float]) -> dict[str, float]:
-    metrics = {"total_params": float(manifest.parameters.total), "trainable_params": float(manifest.parameters.trainable)}
-    if manifest.check.forward:
-        metrics["check.seconds"] = manifest.check.seconds
-        if manifest.check.loss is not None:
-            metrics["check.loss"] = manifest.check.loss
-    metrics.update({k: float(v) for k, v in run_stats.items() if v is not None})
-    return metrics
-
-
 def log_artifact_run(artifact_dir: Path, settings: TrackingSettings, tags: dict[str, str], run_stats: dict[str, float]) -> TrackingResult:
     """Log the artifact directory as the preparation's run and logged model, register it if asked,
     record the run in the manifest. On any failure the run ends FAILED (never left RUNNING) and the
@@ -247,9 +205,9 @@ def log_artifact_run(artifact_dir: Path, settings: TrackingSettings, tags: dict[
             experiment = experiment_id(mlflow, settings.experiment, uri)
             run_id = _find_or_create_run(mlflow, experiment, tags, tags.get("prefect.flow_run_name") or artifact_dir.name)
             params = manifest_params(manifest)
-            mlflow.log_batch(run_id, params=[_param(k, v) for k, v in params.items()],
-                             tags=[_tag(k, v) for k, v in {**tags, "lora_prep.artifact_dir": str(artifact_dir)}.items()])
-            mlflow.log_batch(run_id, metrics=[_metric(k, v) for k, v in _metrics(manifest, run_stats).items()])
+            mlflow.log_batch(run_id, params=[param(k, v) for k, v in params.items()],
+                             tags=[tag(k, v) for k, v in {**tags, "lora_prep.artifact_dir": str(artifact_dir)}.items()])
+            mlflow.log_batch(run_id, metrics=[metric(k, v) for k, v in manifest_metrics(manifest, run_stats).items()])
             mlflow.log_artifacts(run_id, str(artifact_dir), artifact_path=ARTIFACT_PATH)
             model = _log_model(mlflow, experiment, run_id, artifact_dir, manifest, params)
             url = run_url(uri, experiment, run_id)
@@ -259,7 +217,7 @@ def log_artifact_run(artifact_dir: Path, settings: TrackingSettings, tags: dict[
                 version = register(mlflow, settings, run_id, model.model_id)
                 model_uri = f"models:/{settings.register_as}@{settings.alias}" if settings.alias else f"models:/{settings.register_as}/{version}"
             # This stage's own time: the flow's clock is still running while it logs.
-            mlflow.log_batch(run_id, metrics=[_metric("seconds.track", round(time.perf_counter() - started, 3))])
+            mlflow.log_batch(run_id, metrics=[metric("seconds.track", round(time.perf_counter() - started, 3))])
             mlflow.set_terminated(run_id, "FINISHED")
     except BaseException:
         if mlflow is not None and run_id is not None:
@@ -296,24 +254,6 @@ def _log_model(mlflow, experiment: str, run_id: str, artifact_dir: Path, manifes
     mlflow.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return model
-
-
-def _param(key, value):
-    from mlflow.entities import Param
-
-    return Param(key, value)
-
-
-def _tag(key, value):
-    from mlflow.entities import RunTag
-
-    return RunTag(key, str(value))
-
-
-def _metric(key, value):
-    from mlflow.entities import Metric
-
-    return Metric(key, value, int(time.time() * 1000), 0)
 
 
 def _track(artifact_dir: str, tracking: TrackingSettings, tags: dict[str, str], run_stats: dict[str, float]) -> TrackingResult:

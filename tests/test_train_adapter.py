@@ -84,14 +84,14 @@ def test_the_new_artifact_records_its_parent_and_the_training(trained, bed):
 
 
 def test_the_trained_artifact_loads_back_with_the_trained_adapter_and_the_same_base(trained, bed):
-    from lora_prep.flows.train_adapter import _batches, _eval_loss, is_adapter_param, weights_sha256, TrainSettings
+    from lora_prep.tasks.train import TrainSettings, batches, eval_loss, is_adapter_param, weights_sha256
     from lora_prep.tasks.artifact_load import load_adapter_ready
 
     ready = load_adapter_ready(trained.artifact_dir, source=bed["source"])
     named = list(ready.model.named_parameters())
     assert weights_sha256([(n, p) for n, p in named if not is_adapter_param(n)]) == trained.base_sha256_before
-    batches = _batches(ready.tokenizer, TrainSettings(), ready.model.get_input_embeddings().weight.device)
-    assert _eval_loss(ready.model, batches) == pytest.approx(trained.eval_loss_after, abs=1e-4)
+    data = batches(ready.tokenizer, TrainSettings(), ready.model.get_input_embeddings().weight.device)
+    assert eval_loss(ready.model, data) == pytest.approx(trained.eval_loss_after, abs=1e-4)
 
 
 def test_the_training_is_a_child_mlflow_run_of_the_prepare_run_with_the_loss_history(trained, bed):
