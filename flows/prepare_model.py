@@ -105,9 +105,12 @@ def prepare_model(
             profile = probe(source.cache_dir)
         with clock("plan"):
             plan = plan_task(profile, facts, load, lora, output, revision, source)
-        open_run(tracking, facts)
-        with clock("download"):
-            snapshot = download(facts, source)
+        opened = open_run.submit(tracking, facts)  # in a worker thread, while the weights download
+        try:
+            with clock("download"):
+                snapshot = download(facts, source)
+        finally:  # the run exists before any failure hook looks for it; an unreachable MLflow is tried again by track
+            opened.wait()
         with clock("build"):
             built = build(snapshot, facts, profile, plan, load, lora, output, prefect_record(), source.allow_pickle)
         with clock("track"):

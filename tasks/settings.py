@@ -272,7 +272,7 @@ class OutputSettings(_Settings):
     name: Annotated[str, Field(title="Value", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | Default = Field(
         title="Artifact name",
         default=None,
-        description="Artifact directory name. Default: <org>--<name>--<sha[:12]>--<UTC timestamp>.",
+        description="Artifact directory name. Default: {org}--{name}--{first 12 hex of the commit}--{UTC time}-{4 hex}.",
     )
     check: bool = Field(
         title="Check that the model runs",

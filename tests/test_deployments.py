@@ -7,6 +7,7 @@ what keeps them correct.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,42 @@ def test_compose_example_agrees_with_the_docker_example():
     assert pool_names == {"lora-prep-docker"}
     assert compose["volumes"]["lora-prep-hf-cache"]["name"] == "lora-prep-hf-cache"
     assert "CREATE DATABASE mlflow" in (EXAMPLES / "postgres-init.sql").read_text()
-    dockerfile = (EXAMPLES / "Dockerfile").read_text()
-    for step in docker["pull"]:
-        assert f"WORKDIR {step['prefect.deployments.steps.set_working_directory']['directory']}" in dockerfile
+
+
+def _dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions (continuation lines joined, comments dropped), one list per FROM."""
+    text = re.sub(r"\\\n", " ", (EXAMPLES / "Dockerfile").read_text())
+    stages: list[list[str]] = []
+    for line in (line.strip() for line in text.splitlines()):
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+@pytest.mark.parametrize("path", [EXAMPLES / "docker-gpu.prefect.yaml", EXAMPLES / "kubernetes-gpu.prefect.yaml"], ids=lambda p: p.name)
+def test_the_image_examples_pull_nothing_because_the_image_holds_the_installed_wheel(path):
+    # Module entrypoints (checked by the flows fixture) import from site-packages: no checkout, no working directory.
+    assert yaml.safe_load(path.read_text())["pull"] == [], f"{path.name}: an image with the wheel installed needs no pull step"
+    # Their image is the one examples/Dockerfile builds (the tag of its `docker build -t` line).
+    (tag,) = re.findall(r"docker build -t (\S+) -f deployments/examples/Dockerfile", (EXAMPLES / "Dockerfile").read_text())
+    assert {d["work_pool"]["job_variables"]["image"] for d in _deployments(path)} == {tag}, path.name
+
+    *builders, final = _dockerfile_stages()
+    assert final[0].startswith("FROM pytorch/pytorch:") and "cuda" in final[0]  # the CUDA torch that satisfies torch>=2.4
+    # The image's own stage copies no sources: it installs the wheel (with [gpu]) that an earlier stage built.
+    assert not [i for i in final if re.match(r"(COPY|ADD)\s+(?!--from=)", i)], final
+    (install,) = [i for i in final if i.startswith("RUN ") and "pip install" in i]
+    assert re.search(r"lora_prep-\*\.whl\)\[gpu\]", install) and " -e " not in install, install
+    assert any("pip wheel" in i and "--no-deps" in i for stage in builders for i in stage), builders
+    # The wheel stage copies every folder pyproject.toml packages (the old image lacked lora_prep/).
+    import tomllib
+
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied_sources = {src for stage in builders for i in stage if i.startswith("COPY ") for src in i.split()[1:-1]}
+    assert folders <= copied_sources and {"pyproject.toml", "README.md"} <= copied_sources, copied_sources
+    (copied,) = [i.split()[-1] for i in final if i.startswith("COPY --from=")]
+    assert copied in install
+    assert "WORKDIR /opt/lora-prep" not in final
