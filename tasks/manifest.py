@@ -73,6 +73,8 @@ class CheckRecord(_Record):
     forward: bool
     backward: bool
     tokens: int
+    layers: int = Field(default=0, description="Decoder layers the pass ran: one of each kind (or all of them).")
+    layers_total: int = Field(default=0, description="Decoder layers the model has.")
     loss: float | None = None
     seconds: float
 
