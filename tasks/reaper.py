@@ -71,6 +71,8 @@ def _crash_flow_run(flow_run_id: str, why: str) -> None:
 
 def reap_stale_runs(mlflow, experiment_ids: list[str], *, ask_prefect: bool = True) -> list[str]:
     """Mark stale RUNNING runs of these experiments FAILED; returns their run ids."""
+    from mlflow.exceptions import MlflowException
+
     host = socket.gethostname()
     closed = []
     runs = mlflow.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=500)
@@ -90,8 +92,16 @@ def reap_stale_runs(mlflow, experiment_ids: list[str], *, ask_prefect: bool = Tr
                 why = f"its Prefect flow run {flow_run_id} ended {state}"
         if why is None:
             continue
-        mlflow.set_tag(run.info.run_id, REASON_TAG, why)
-        mlflow.set_terminated(run.info.run_id, "FAILED")
+        try:
+            # The search is seconds old: the run may have ended since (FINISHED by its own flow, then
+            # COMPLETED in Prefect), or another process's reaper may be closing it right now.
+            if mlflow.get_run(run.info.run_id).info.status != "RUNNING":
+                continue
+            mlflow.set_tag(run.info.run_id, REASON_TAG, why)
+            mlflow.set_terminated(run.info.run_id, "FAILED")
+        except MlflowException as exc:  # PostgreSQL: a concurrent reaper wrote the same new tag first
+            log.info("MLflow run %s not closed here: %s", run.info.run_id, exc)
+            continue
         closed.append(run.info.run_id)
         log.warning("MLflow run %s was left RUNNING and is now FAILED: %s", run.info.run_id, why)
     return closed

@@ -136,7 +136,10 @@ def start_run(settings: TrackingSettings, tags: dict[str, str], params: dict[str
         with mlflow_errors(uri):
             mlflow = client(uri)
             experiment = experiment_id(mlflow, settings.experiment, uri)
-            reap_stale_runs(mlflow, [experiment])
+            try:
+                reap_stale_runs(mlflow, [experiment])
+            except Exception as exc:  # closing other runs must never fail this preparation
+                log.warning("could not close stale MLflow runs: %s", exc)
             run_id = _find_or_create_run(mlflow, experiment, tags, tags.get("prefect.flow_run_name") or "lora-prep")
             mlflow.log_batch(run_id, params=[param(k, v) for k, v in clip(params).items()])
             return run_id

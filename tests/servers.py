@@ -289,3 +289,96 @@ def run_cli(argv: list[str], env: dict[str, str], *, cwd: Path | None = None, ti
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+# --- Servers on an external database, a restartable Prefect server, workers on "other hosts" ---
+#
+# For tests/test_fleet.py: the same processes as above, on PostgreSQL (tests/postgres.py).
+
+
+def launch_prefect_server_on(
+    tmp: Path, database_url: str, *, port: int | None = None, scheduler: bool = False, env: dict[str, str] | None = None,
+) -> ServerHandle:
+    """`prefect server start` on `database_url` (e.g. postgresql+asyncpg://...), without waiting.
+
+    PREFECT_HOME is `tmp/prefect-home` as in launch_prefect_server; pass the `port` of a
+    stopped server (and the same `tmp`) to start it again on the same database and address.
+    `env` adds server settings (e.g. PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE)."""
+    tmp = Path(tmp)
+    home = tmp / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    client_env = prefect_client_env(api, home)
+    server_env = child_env({
+        **{k: v for k, v in client_env.items() if k != "PREFECT_API_URL"},
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        **(env or {}),
+    })
+    argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off",
+            "--scheduler" if scheduler else "--no-scheduler"]
+    handle = launch("prefect server", argv, tmp / "logs" / "prefect-server.log", server_env)
+    handle.url, handle.env = api, client_env
+    return handle
+
+
+def launch_mlflow_server_on(tmp: Path, backend_store_uri: str, *, workers: int = 1) -> ServerHandle:
+    """`mlflow server` on `backend_store_uri` (e.g. postgresql://...), proxied artifacts under
+    `tmp/mlflow/artifacts`, without waiting (see launch_mlflow_server)."""
+    tmp = Path(tmp)
+    root = tmp / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(root / "artifacts"),
+        "--workers", str(workers),
+    ]
+    env = child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    handle = launch("mlflow server", argv, tmp / "logs" / "mlflow-server.log", env, cwd=root)
+    handle.url = f"http://127.0.0.1:{port}"
+    handle.env = {"MLFLOW_TRACKING_URI": handle.url}
+    return handle
+
+
+def start_worker_as(
+    prefect: ServerHandle, pool: str, tmp: Path, *, name: str, env: dict[str, str] | None = None,
+    cwd: Path | None = None, wrap: list[str] | None = None, args: list[str] | None = None,
+    poll_seconds: float = 1.0, timeout: float = 60.0,
+) -> ServerHandle:
+    """start_worker with a chosen name, extra `prefect worker start` arguments (`args`, e.g.
+    ["--type", "process"]) and a command prefix (`wrap`, e.g. a new UTS namespace with its own
+    hostname: ["unshare", "--uts", "sh", "-c", 'hostname node-b && exec "$@"', "sh"]); the
+    prefix must exec the worker, so that the handle's pid is the worker's."""
+    import json
+
+    worker_env = child_env({
+        **prefect.env,
+        "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds),
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+        **(env or {}),
+    })
+    argv = [*(wrap or []), str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name, *(args or [])]
+    handle = launch(f"prefect worker {name}", argv, Path(tmp) / "logs" / f"{name}.log", worker_env, cwd=cwd)
+    handle.url, handle.env = prefect.url, prefect.env
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not handle.alive():
+            raise RuntimeError(f"worker {name} exited with code {handle.process.returncode}:\n{handle.log_tail()}")
+        request = urllib.request.Request(
+            f"{prefect.url}/work_pools/{pool}/workers/filter", data=b"{}", method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if any(w.get("name") == name for w in json.loads(response.read())):
+                    return handle
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    handle.stop()
+    raise TimeoutError(f"worker {name} did not register with pool {pool} within {timeout:.0f} s:\n{handle.log_tail()}")

@@ -249,7 +249,8 @@ def test_compose_example_agrees_with_the_docker_example():
     compose = yaml.safe_load((EXAMPLES / "compose.yaml").read_text())
     services = compose["services"]
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
-    assert "--backend-store-uri postgresql://" in services["mlflow"]["command"]
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the image installs psycopg2: the URI names the driver.
+    assert "--backend-store-uri postgresql+psycopg2://" in services["mlflow"]["command"]
     assert "--artifacts-destination" in services["mlflow"]["command"]
     assert "--pool lora-prep-docker" in services["docker-worker"]["command"]
     docker = yaml.safe_load((EXAMPLES / "docker-gpu.prefect.yaml").read_text())
