@@ -70,6 +70,7 @@ def cmd_prepare(args) -> int:
     # the warning is PEFT's to fix and tells a CLI user nothing.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     settings = settings_from_args(args)
+    _check_model_arguments(args.model_id, args.revision)  # before any Prefect server is found or started
     with prefect_api() as api:
         from lora_prep.flows.prepare_model import prepare_model  # imports torch, transformers, peft
 
@@ -96,6 +97,15 @@ def cmd_prepare(args) -> int:
     lines.append(f"open       {where_to_open(result.mlflow_tracking_uri, result.mlflow_run_url).strip('`')}")
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _check_model_arguments(model_id: str, revision: str) -> None:
+    from lora_prep.tasks.hf_cache import check_revision
+    from lora_prep.tasks.resolve import check_model_id, is_local_source
+
+    if not is_local_source(model_id):
+        check_model_id(model_id)
+        check_revision(revision)
 
 
 def cmd_plan(args) -> int:

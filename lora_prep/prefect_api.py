@@ -84,9 +84,13 @@ def _prefect_transport_error(exc: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def prefect_api() -> Iterator[PrefectApi]:
-    """Point this process at a Prefect API before Prefect is imported (its settings are read then)."""
+    """The Prefect API of this run: the one Prefect's settings name (PREFECT_API_URL from the environment, the
+    active profile or an enclosing settings context), else the shared local server, set for the run with
+    Prefect's own scoped settings (so an embedding process's other Prefect use is left as it was)."""
     import_in_background()  # never joined: the flow's own imports take the import locks in turn
-    url = os.environ.get("PREFECT_API_URL")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
     if url:
         yield PrefectApi(url, "external")
     elif os.environ.get("LORA_PREP_PREFECT") == "ephemeral":
@@ -95,5 +99,5 @@ def prefect_api() -> Iterator[PrefectApi]:
         from lora_prep import local_server
 
         url = local_server.ensure()
-        os.environ["PREFECT_API_URL"] = url  # this process only: the CLI is ours
-        yield PrefectApi(url, "local")
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield PrefectApi(url, "local")

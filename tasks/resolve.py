@@ -26,7 +26,7 @@ from huggingface_hub import constants
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lora_prep.tasks.errors import HubUnavailable, OfflineCacheMiss, RevisionNotFound
+from lora_prep.tasks.errors import HubUnavailable, InvalidInput, OfflineCacheMiss, RevisionNotFound
 from lora_prep.tasks.hf_cache import SHA256_RE, check_blob_names, check_commit, check_repo_path, check_revision, guarded_hub
 from lora_prep.tasks.hf_env import cache_dir_for, get_token, is_offline, repo_cache_dir
 from lora_prep.tasks.library_errors import hub_errors
@@ -72,6 +72,7 @@ def resolve_repo(
     """
     if is_local_source(repo_id):
         return resolve_local_dir(repo_id, revision, source)
+    check_model_id(repo_id)
     check_revision(revision)
     cache_dir = cache_dir_for(source)
     if is_offline(source):
@@ -91,6 +92,21 @@ def resolve_repo(
             type(exc.__cause__).__name__ if exc.__cause__ else "HubUnavailable", repo_id, revision, facts.pin[:12],
         )
         return facts
+
+
+def check_model_id(model_id: str) -> str:
+    """A Hub repo id (org/name), or else a clear word about the path it was probably meant to be."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if model_id.startswith(("/", "./", "../", "~")) or os.sep * 2 in model_id:
+        raise InvalidInput(f"model_id {model_id!r} looks like a path but is not a directory here: give a model directory "
+                           "(config.json, tokenizer, safetensors) or a Hub id such as org/name.")
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise InvalidInput(f"model_id {model_id!r} is neither a Hub repo id (org/name) nor a directory: check the id or the path.") from None
+    return model_id
 
 
 def _resolve_online(repo_id: str, revision: str, source: SourceSettings, token: str | None, cache_dir: str) -> RepoFacts:

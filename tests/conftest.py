@@ -56,6 +56,7 @@ _hub_session = _start_session_hub()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _stop_local_prefect_server()
     if not _hub_session:
         return
     _hub_session["server"].stop()
@@ -136,6 +137,15 @@ for _key in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST_")]:
 # No per-user defaults leak from the developer's machine into tests.
 os.environ["LORA_PREP_HOME"] = str(_PREFECT_HOME / "lora-prep-home")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def _stop_local_prefect_server() -> None:
+    """A `lora-prep prepare` run without PREFECT_API_URL starts lora-prep's shared local server under the
+    session's PREFECT_HOME (tests that mean to, stop theirs): whatever one left is stopped with the session."""
+    from lora_prep import local_server
+
+    if os.environ.get("PREFECT_HOME") == str(_PREFECT_HOME) and local_server.stop():
+        print("\nconftest: stopped a local Prefect server a test left running", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

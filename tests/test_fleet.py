@@ -338,26 +338,13 @@ class Fleet:
         self.seconds["deploy_and_workers"] = time.monotonic() - mark
 
     def create_zombie_automation(self) -> None:
-        from prefect.automations import Automation
-        from prefect.client.schemas.objects import StateType
-        from prefect.events.actions import ChangeFlowRunState
-        from prefect.events.schemas.automations import EventTrigger, Posture
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: self.api}):
-            Automation(
-                name="crash-zombie-flow-runs",
-                trigger=EventTrigger(
-                    match={"prefect.resource.id": "prefect.flow-run.*"},
-                    after={"prefect.flow-run.heartbeat"},
-                    expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                            "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
-                    for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-                    within=timedelta(seconds=ZOMBIE_WITHIN_S),
-                ),
-                actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                            message=f"No heartbeat for {ZOMBIE_WITHIN_S} s: flow run process presumed dead.")],
-            ).create()
+        from lora_prep.deployments.automations import crash_zombie_flow_runs
+
+        with temporary_settings(updates={PREFECT_API_URL: self.api}):  # the fleet recipe's own automation
+            automation = crash_zombie_flow_runs(within_seconds=ZOMBIE_WITHIN_S)
+        assert automation.trigger.within == timedelta(seconds=ZOMBIE_WITHIN_S)
 
     def start_worker(self, node: str) -> ServerHandle:
         wrap = [*self.prefix, node] if self.prefix else None
