@@ -6,15 +6,21 @@
 
 A Prefect API that dies mid-run surfaces as an ``httpx`` transport error from deep inside the
 flow engine (Prefect's client is the only httpx user here: huggingface_hub uses httpx2, MLflow
-requests). ``run()`` turns it into one line naming the API URL and what to do, and closes the
-run's MLflow run FAILED, since the flow's own failure hooks need that API to run.
+requests), but only at the engine's next API call, which a long download or load can put off for
+hours. So ``run()`` also watches the API: a watchdog thread asks ``/health`` every 5 s, and once
+it has not answered for ``DEAD_AFTER_S`` the CLI ends the run itself. Either way the user gets one
+line naming the API URL and what to do, and this process's MLflow runs are closed FAILED (the
+flow's own failure hooks need the dead API). Partial files are what the next run cleans up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +28,9 @@ from lora_prep.tasks.errors import OrchestratorUnavailable
 
 # Started at CLI start, while the Prefect API is found or started: the first imports of torch,
 # transformers and PEFT take seconds that the build stage would otherwise pay later.
+# The watchdog: /health every WATCH_EVERY_S (each probe waits up to WATCH_TIMEOUT_S); the API counts as
+# dead once it has failed every probe for DEAD_AFTER_S. A server busy enough to miss one probe is not dead.
+WATCH_EVERY_S, WATCH_TIMEOUT_S, DEAD_AFTER_S = 5.0, 5.0, 20.0
 HEAVY_IMPORTS = ("torch", "transformers", "peft", "lora_prep.tasks.load", "lora_prep.tasks.lora", "lora_prep.tasks.anatomy")
 
 
@@ -44,24 +53,51 @@ class PrefectApi:
     def __init__(self, url: str | None, kind: str) -> None:
         self.url, self.kind = url, kind
 
+    def _gone(self, what: str, tracking) -> OrchestratorUnavailable:
+        from lora_prep.tasks.tracking import close_runs_of_this_process
+
+        close_runs_of_this_process(tracking, f"the Prefect API at {self.url} stopped answering")
+        fix = ("start it again (prefect server start), or unset PREFECT_API_URL to use lora-prep's local server"
+               if self.kind == "external" else "run again: lora-prep starts its local server anew")
+        return OrchestratorUnavailable(
+            f"the Prefect API at {self.url} stopped answering during the run ({what}): {fix}; "
+            "a partial artifact is cleaned up by the next run, and the MLflow run is marked FAILED.",
+            prefect_api_url=self.url,
+        )
+
     def run(self, flow, **parameters: Any):
         """Call the flow; a Prefect API that stops answering becomes OrchestratorUnavailable."""
+        done = threading.Event()
+        if self.url and self.url.startswith("http"):
+            threading.Thread(target=self._watch, args=(done, parameters.get("tracking")), name="lora-prep-prefect-watchdog", daemon=True).start()
         try:
             return flow(**parameters)
         except BaseException as exc:
             what = _prefect_transport_error(exc)
             if what is None:
                 raise
-            from lora_prep.tasks.tracking import close_runs_of_this_process
+            raise self._gone(what, parameters.get("tracking")) from exc
+        finally:
+            done.set()
 
-            close_runs_of_this_process(parameters.get("tracking"), f"the Prefect API at {self.url} stopped answering")
-            fix = ("start it again (prefect server start), or unset PREFECT_API_URL to use lora-prep's local server"
-                   if self.kind == "external" else "run again: lora-prep starts its local server anew")
-            raise OrchestratorUnavailable(
-                f"the Prefect API at {self.url} stopped answering during the run ({what}): {fix}; "
-                "a partial artifact is cleaned up by the next run, and the MLflow run is marked FAILED.",
-                prefect_api_url=self.url,
-            ) from exc
+    def _watch(self, done: threading.Event, tracking) -> None:
+        """Ends the process when the API has been dead for DEAD_AFTER_S while the flow waits on something else."""
+        failing_since = None
+        while not done.wait(WATCH_EVERY_S):
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=WATCH_TIMEOUT_S) as response:
+                    response.read(16)
+                failing_since = None
+                continue
+            except OSError:
+                failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since < DEAD_AFTER_S or done.is_set():
+                continue
+            # The main thread may be deep in a download or a load: end the process from here, with the one line.
+            error = self._gone(f"no answer to /health for {DEAD_AFTER_S:.0f} s", tracking)
+            sys.stdout.flush()
+            print(f"lora-prep: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+            os._exit(error.exit_code)
 
 
 def _prefect_transport_error(exc: BaseException) -> str | None:

@@ -38,6 +38,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -386,6 +387,7 @@ class HubServer:
         self._cuts: list[_Rule] = []
         self._delays: list[_Rule] = []
         self._overrides: list[_Rule] = []
+        self._stalls: list[_Rule] = []
         self._listener: _Listener | None = None
         self._thread: threading.Thread | None = None
         self._refusing = False
@@ -458,6 +460,12 @@ class HubServer:
         with self._lock:
             self._cuts.append(_Rule(path_glob, frozenset({"GET"}), times, nbytes=nbytes))
 
+    def stall_after(self, path_glob: str, nbytes: int, seconds: float, times: int = 1) -> None:
+        """The next `times` matching whole-file GETs (no Range header) send `nbytes` of the body, then hang for
+        `seconds` before going on: a transfer in progress, for a test that kills its client mid-download."""
+        with self._lock:
+            self._stalls.append(_Rule(path_glob, frozenset({"GET"}), times, nbytes=nbytes, seconds=seconds))
+
     def delay(
         self, seconds: float, path_glob: str = "*", methods: Iterable[str] | None = None, times: int | None = None
     ) -> None:
@@ -487,6 +495,7 @@ class HubServer:
             self._cuts.clear()
             self._delays.clear()
             self._overrides.clear()
+            self._stalls.clear()
         if self._refusing:
             self.refuse(False)
 
@@ -792,7 +801,9 @@ class HubServer:
             return
         with self._lock:
             cut = self._take(self._cuts, method, path)
+            stall = None if range_header else self._take(self._stalls, method, path)
         budget = cut.nbytes if cut is not None else None
+        stall_at = stall.nbytes if stall is not None else None
         with file.open("rb") as src:
             src.seek(start)
             left = end - start + 1
@@ -803,11 +814,25 @@ class HubServer:
                 if budget is not None:
                     chunk = chunk[:budget]
                     budget -= len(chunk)
+                if stall_at is not None and len(chunk) > stall_at:
+                    head, chunk = chunk[:stall_at], chunk[stall_at:]
+                    self._write(h, record, head)
+                    left -= len(head)
+                    stall_at = None
+                    self._hang(stall.seconds)
+                elif stall_at is not None:
+                    stall_at -= len(chunk)
                 self._write(h, record, chunk)
                 left -= len(chunk)
                 if budget == 0 and left > 0:
                     h.close_connection = True  # FIN before Content-Length is reached: a cut-off stream
                     return
+
+    def _hang(self, seconds: float) -> None:
+        """Mid-body silence, bounded; over early once the server stops."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self._listener is not None:
+            time.sleep(0.1)
 
     # response writing
 

@@ -40,9 +40,11 @@ def _wait(predicate, what: str, timeout: float = 120, process: subprocess.Popen 
 
 
 def _runs(uri: str):
-    from mlflow.tracking import MlflowClient
+    """The store's runs, read through lora-prep's client: a new SQLite store is being created by the CLI
+    meanwhile, and only lora-prep's init lock keeps a second process out of its migration."""
+    from lora_prep.tasks.mlflow_store import client as mlflow_client
 
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(experiments) if experiments else []
 
@@ -64,8 +66,7 @@ def test_a_preparation_killed_mid_download_is_closed_and_cleaned_by_the_next_run
     env = child_env({"PREFECT_API_URL": prefect_harness, "HF_HUB_CACHE": str(hf_cache)})
     argv = ["prepare", "tiny/phi3", "--tracking-uri", uri, "--output-dir", str(tmp_path / "out"), "--json"]
     weights = "*/tiny/phi3/resolve/*/model.safetensors"
-    hub.cut_after(weights, 50_000)  # a first transfer that breaks off ...
-    hub.delay(30.0, weights, methods=("GET",), times=2)  # ... and retries that hang: the process is mid-download
+    hub.stall_after(weights, 50_000, seconds=60)  # the weights transfer starts, then hangs: the process is mid-download
     first = _cli(argv, env)
     try:
         _wait(lambda: [r for r in _runs(uri) if r.info.status == "RUNNING"] if Path(uri[10:]).exists() else [], "the MLflow run", process=first)
@@ -124,7 +125,7 @@ def test_after_an_mlflow_outage_lora_prep_log_attaches_to_the_preparation_s_own_
     cli = _cli(["prepare", "tiny/gpt-neox", "--tracking-uri", mlflow.url, "--output-dir", str(tmp_path / "out")], env)
     try:
         _wait(lambda: [r for r in hub.records(weights, "GET") if not r.range], "the download", process=cli)
-        assert [r.info.status for r in _runs(mlflow.url)] == ["RUNNING"]
+        _wait(lambda: [r.info.status for r in _runs(mlflow.url)] == ["RUNNING"], "the run opened beside the download", process=cli)
         port = mlflow.url.rsplit(":", 1)[1]
         mlflow.stop(timeout=5)  # MLflow dies mid-run
         _, err = cli.communicate(timeout=240)
