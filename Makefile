@@ -29,10 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_download.py
-	$(BIN)/python bench/bench_load_memory.py
-	$(BIN)/python bench/bench_prepare_memory.py
-	$(BIN)/python bench/bench_cli.py
+	$(BIN)/python bench/bench.py --runs $(or $(N),3)
 
 clean-venv:
 	rm -rf $(VENV)
