@@ -297,3 +297,19 @@ def test_the_image_examples_pull_nothing_because_the_image_holds_the_installed_w
     (copied,) = [i.split()[-1] for i in final if i.startswith("COPY --from=")]
     assert copied in install
     assert "WORKDIR /opt/lora-prep" not in final
+
+
+@pytest.mark.parametrize("path", PREFECT_FILES, ids=lambda p: p.name)
+def test_every_pool_sends_flow_run_heartbeats_for_the_zombie_automation(path):
+    # Without heartbeats, "crash zombie flow runs" (lora_prep.deployments.automations) never fires and a run
+    # whose node died stays Running; tests/test_fleet.py relies on prefect.yaml's value, not on its own.
+    for deployment in _deployments(path):
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") == "30", f"{path.name}:{deployment['name']}"
+
+
+def test_compose_keeps_concurrency_leases_on_a_volume_so_a_restart_keeps_them():
+    server = yaml.safe_load((EXAMPLES / "compose.yaml").read_text())["services"]["prefect-server"]
+    env = server["environment"]
+    assert env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == "prefect.server.concurrency.lease_storage.filesystem"
+    assert any(v.endswith(":" + env["PREFECT_HOME"]) for v in server["volumes"]), server["volumes"]

@@ -318,7 +318,7 @@ class Fleet:
                 "LORA_PREP_HOME": str(self.tmp / "lora-prep-home"),
                 "MLFLOW_TRACKING_URI": self.mlflow.url,
                 "TOKENIZERS_PARALLELISM": "false",
-                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+                # PREFECT_FLOWS_HEARTBEAT_FREQUENCY (HEARTBEAT_S) comes from prefect.yaml's job variables.
             }
             for node in ("node-a", "node-b"):
                 self.start_worker(node)
