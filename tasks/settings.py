@@ -81,7 +81,7 @@ class LoadSettings(_Settings):
     model_config = ConfigDict(extra="forbid", frozen=True, title="Loading")
 
     dtype: Dtype = Field(
-        title="Weights dtype",default="auto", description="Weights dtype. auto: bf16 where supported, fp16 on CUDA without bf16, float32 on CPU.")
+        title="Weights dtype", default="auto", description="Weights dtype. auto: bf16 where supported, fp16 on CUDA without bf16, float32 on CPU.")
     attn_implementation: Attn = Field(
         title="Attention kernel",
         default="auto",
@@ -93,14 +93,14 @@ class LoadSettings(_Settings):
         description='Placement: auto, cpu, cuda, cuda:N, mps, or a module -> device dict (accelerate style).',
     )
     quantization: Quantization = Field(
-        title="Quantization",default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA.")
+        title="Quantization", default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA.")
     max_memory: Annotated[dict[str, str], Field(title="Budgets")] | Default = Field(
         title="Memory budget per device",
         default=None,
         description='Memory budget per device, accelerate style: {"cpu": "20GiB", "0": "70GiB"}. Used by the fit check and by device_map=auto.',
     )
     gradient_checkpointing: bool = Field(
-        title="Gradient checkpointing",default=False, description="Enable gradient checkpointing (sets use_cache=False and input gradients for LoRA).")
+        title="Gradient checkpointing", default=False, description="Enable gradient checkpointing (sets use_cache=False and input gradients for LoRA).")
     trust_remote_code: bool = Field(
         title="Trust the repo's own code",
         default=False,
@@ -141,40 +141,40 @@ class LoraSettings(_Settings):
     model_config = ConfigDict(extra="forbid", frozen=True, title="LoRA adapter")
 
     r: int = Field(
-        title="Rank (r)",default=16, gt=0, le=4096, description="LoRA rank (adapter width).")
+        title="Rank (r)", default=16, gt=0, le=4096, description="LoRA rank (adapter width).")
     alpha: float = Field(
-        title="Alpha",default=32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+        title="Alpha", default=32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
     dropout: Annotated[float, Field(title="Value", ge=0, lt=1)] | Default = Field(
         title="Dropout",
         default=None,
         description="Dropout on the LoRA input, in [0, 1). Default: 0.05, or 0 when the targets include fused MoE expert parameters (PEFT cannot apply dropout to those).",
     )
     bias: Literal["none", "all", "lora_only"] = Field(
-        title="Trained biases",default="none", description="Which biases to train.")
+        title="Trained biases", default="none", description="Which biases to train.")
     target_modules: Union[Annotated[TargetPreset, Field(title="Preset")], Annotated[list[str], Field(title="Names")], Annotated[str, Field(title="Regex")]] = Field(
         title="Target modules",
         default="all-linear",
         description="all-linear | attention | mlp | experts | a list of module or expert-parameter names | a regex matched against full names. Presets cover fused MoE experts and leave out the output head, embeddings and MoE routers.",
     )
     exclude_modules: Names | Default = Field(
-        title="Excluded modules",default=None, description="Module names (suffixes) to leave out of the targets.")
+        title="Excluded modules", default=None, description="Module names (suffixes) to leave out of the targets.")
     modules_to_save: Names | Default = Field(
-        title="Modules trained in full",default=None, description="Modules trained in full and saved with the adapter (e.g. lm_head); makes the adapter large.")
+        title="Modules trained in full", default=None, description="Modules trained in full and saved with the adapter (e.g. lm_head); makes the adapter large.")
     use_rslora: bool = Field(
-        title="Rank-stabilised LoRA",default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+        title="Rank-stabilised LoRA", default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
     use_dora: bool = Field(
-        title="DoRA",default=False, description="Weight-decomposed LoRA (DoRA).")
+        title="DoRA", default=False, description="Weight-decomposed LoRA (DoRA).")
     init_lora_weights: Union[Annotated[bool, Field(title="Default (Kaiming) / zeros")], Annotated[str, Field(title="Method")]] = Field(
         title="Initialisation",
         default=True,
         description="true (Kaiming A, zero B) | false | gaussian | pissa | olora | orthogonal: the PEFT initialisations that need no training data and load back exactly.",
     )
     rank_pattern: Annotated[dict[str, int], Field(title="Patterns")] | Default = Field(
-        title="Rank per module (regex to r)",default=None, description="Per-module rank overrides: {regex: r}.")
+        title="Rank per module (regex to r)", default=None, description="Per-module rank overrides: {regex: r}.")
     alpha_pattern: Annotated[dict[str, float], Field(title="Patterns")] | Default = Field(
-        title="Alpha per module (regex to alpha)",default=None, description="Per-module alpha overrides: {regex: alpha}.")
+        title="Alpha per module (regex to alpha)", default=None, description="Per-module alpha overrides: {regex: alpha}.")
     seed: int = Field(
-        title="Seed",default=0, ge=0, description="Seed for the adapter initialisation: same seed and base give byte-identical adapter weights.")
+        title="Seed", default=0, ge=0, description="Seed for the adapter initialisation: same seed and base give byte-identical adapter weights.")
 
     @field_validator("init_lora_weights")
     @classmethod
@@ -246,11 +246,11 @@ class TrackingSettings(_Settings):
         description="MLflow tracking URI. Default: MLFLOW_TRACKING_URI, else a SQLite file under the lora-prep data directory.",
     )
     experiment: str = Field(
-        title="MLflow experiment",default="lora-prep", min_length=1, description="MLflow experiment name.")
+        title="MLflow experiment", default="lora-prep", min_length=1, description="MLflow experiment name.")
     register_as: Text | Default = Field(
-        title="Register as (model name)",default=None, description="Register the artifact in the MLflow Model Registry under this name.")
+        title="Register as (model name)", default=None, description="Register the artifact in the MLflow Model Registry under this name.")
     alias: Text | Default = Field(
-        title="Registry alias",default=None, description="Alias for the registered version (e.g. champion); needs register_as.")
+        title="Registry alias", default=None, description="Alias for the registered version (e.g. champion); needs register_as.")
 
     @model_validator(mode="after")
     def _alias_needs_name(self):

@@ -248,36 +248,8 @@ def start_worker(
     subprocess it starts: HF_ENDPOINT, HF_HUB_CACHE, MLFLOW_TRACKING_URI go here
     or in the deployment's job variables.
     """
-    import json
-
-    worker_env = child_env({
-        **prefect.env,
-        # Poll every second instead of every 10 s: a test waits on each pickup.
-        "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds),
-        "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
-        **(env or {}),
-    })
-    name = f"{pool}-worker-{free_port()}"
-    argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name]
-    handle = launch("prefect worker", argv, Path(tmp) / "logs" / f"{name}.log", worker_env, cwd=cwd)
-    handle.url, handle.env = prefect.url, prefect.env
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not handle.alive():
-            raise RuntimeError(f"worker exited with code {handle.process.returncode}:\n{handle.log_tail()}")
-        request = urllib.request.Request(
-            f"{prefect.url}/work_pools/{pool}/workers/filter", data=b"{}", method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if any(w.get("name") == name for w in json.loads(response.read())):
-                    return handle
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    handle.stop()
-    raise TimeoutError(f"worker {name} did not register with pool {pool} within {timeout:.0f} s:\n{handle.log_tail()}")
+    return start_worker_as(prefect, pool, tmp, name=f"{pool}-worker-{free_port()}", env=env, cwd=cwd,
+                           poll_seconds=poll_seconds, timeout=timeout)
 
 
 def run_cli(argv: list[str], env: dict[str, str], *, cwd: Path | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -358,6 +330,7 @@ def start_worker_as(
 
     worker_env = child_env({
         **prefect.env,
+        # Poll every second instead of every 10 s: a test waits on each pickup.
         "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds),
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         **(env or {}),

@@ -21,7 +21,9 @@ def _run(capsys, *argv: str) -> tuple[int, str, float]:
     _, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("lora-prep: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
-    return code, lines[0], time.monotonic() - started
+    seconds = time.monotonic() - started
+    print(f"time to outcome: exit {code} after {seconds:.1f} s: {lines[0]}")
+    return code, lines[0], seconds
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,16 @@ pytestmark = pytest.mark.slow
 
 
 def _burst(env: dict[str, str], out: Path, extra: list[str]) -> list[tuple[int, str, str]]:
+    started = time.monotonic()
     procs = [
         subprocess.Popen([LORA_PREP, "prepare", "tiny/llama-sharded", "--output-dir", str(out / f"run{i}"), "--json", *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for i in range(RUNS)
     ]
     try:
-        return [(p.returncode, *p.communicate(timeout=600)) if p.wait(timeout=600) is not None else (None, "", "") for p in procs]
+        results = [(p.returncode, *p.communicate(timeout=600)) if p.wait(timeout=600) is not None else (None, "", "") for p in procs]
+        print(f"time to outcome: {RUNS} runs, exit codes {[code for code, _, _ in results]}, all ended after {time.monotonic() - started:.1f} s")
+        return results
     finally:
         for p in procs:
             if p.poll() is None:

@@ -79,8 +79,10 @@ def test_a_preparation_killed_mid_download_is_closed_and_cleaned_by_the_next_run
     assert _flow_run_state(prefect_harness, flow_run_id) == "RUNNING"
 
     hub.reset_faults()
+    started = time.monotonic()
     second = _cli(argv, env)
     out, err = second.communicate(timeout=240)
+    print(f"time to outcome: the next run closed and cleaned up, exit {second.returncode} after {time.monotonic() - started:.1f} s")
     assert second.returncode == 0, err[-3000:]
     runs = {r.info.run_id: r for r in _runs(uri)}
     assert runs[killed.info.run_id].info.status == "FAILED" and "is gone" in runs[killed.info.run_id].data.tags["lora_prep.closed_by"]
@@ -128,7 +130,9 @@ def test_after_an_mlflow_outage_lora_prep_log_attaches_to_the_preparation_s_own_
         _wait(lambda: [r.info.status for r in _runs(mlflow.url)] == ["RUNNING"], "the run opened beside the download", process=cli)
         port = mlflow.url.rsplit(":", 1)[1]
         mlflow.stop(timeout=5)  # MLflow dies mid-run
+        killed = time.monotonic()
         _, err = cli.communicate(timeout=240)
+        print(f"time to outcome: exit {cli.returncode} {time.monotonic() - killed:.1f} s after MLflow died")
     finally:
         if cli.poll() is None:
             _kill(cli)
