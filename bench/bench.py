@@ -294,8 +294,15 @@ def measure(cmd: list[str], env: dict[str, str], log_prefix: Path, servers=lambd
         sampler = TreeSampler(proc.pid)
         sampler.start()
         killer = threading.Timer(timeout, proc.kill)
+        killer.daemon = True
         killer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C: end the run too, and reap it
+            killer.cancel()
+            proc.kill()
+            proc.wait(timeout=30)
+            raise
         wall = time.perf_counter() - started
         busy, own = busy_cpu_s() - busy0, own_cpu_s() - own0
         server = sum(v - server0.get(pid, 0.0) for pid, v in _cpu_of(servers()).items())
@@ -540,6 +547,10 @@ class Bench:
         self.profile_summary["wall_s"] = round(wall, 2)
 
     def stop(self) -> None:
+        home = CACHE / "run" / "prefect-home-embedded"
+        if (home / "lora-prep-server.json").exists():  # the embedded scenario's local server, if it still runs
+            subprocess.run([LORA_PREP, "server", "stop"], env={**os.environ, "PREFECT_HOME": str(home)},
+                           capture_output=True, timeout=120)
         if self.api is not None:
             self.api.stop()
         if self.hub is not None:
