@@ -105,14 +105,16 @@ def prepare_model(
             profile = probe(source.cache_dir)
         with clock("plan"):
             plan = plan_task(profile, facts, load, lora, output, revision, source)
-        opened = open_run.submit(tracking, facts)  # in a worker thread, while the weights download and load
+        opened = open_run.submit(tracking, facts)  # in a worker thread, while the weights download
         try:
             with clock("download"):
                 snapshot = download(facts, source)
-            with clock("build"):
-                built = build(snapshot, facts, profile, plan, load, lora, output, prefect_record(), source.allow_pickle)
         finally:  # the run exists before any failure hook looks for it; an unreachable MLflow is tried again by track
+            # Waited for before the build, not after: overlapping MLflow's import with the load and the wrapping
+            # (both Python-heavy, one GIL) made the build 2-3 s slower on 2 cores and the whole run no faster (make bench).
             opened.wait()
+        with clock("build"):
+            built = build(snapshot, facts, profile, plan, load, lora, output, prefect_record(), source.allow_pickle)
         with clock("track"):
             tracked = track_task(built.artifact_dir, tracking, prefect_tags(), clock.metrics(built, snapshot))
         result = PreparedModel(
