@@ -19,10 +19,11 @@ from lora_prep.cli_options import UsageError, add_settings_options, settings_fro
 
 EXIT_OK = 0
 # lora-prep's own bound on the Prefect client in this process (set before Prefect is imported, so
-# every Prefect thread sees it; values the user exported win): 3 retries, 2+4+8 s, so a Prefect API
-# that dies mid-run ends the run within a minute instead of ~3 (5 retries, 62 s per call, then the
-# log drain again), while a busy server's 503s (8 runs at once on a SQLite-backed one) still pass.
-PREFECT_CLIENT_BOUND = {"PREFECT_CLIENT_MAX_RETRIES": "3", "PREFECT_API_REQUEST_TIMEOUT": "20"}
+# every Prefect thread sees it; values the user exported win): a request that hangs gives up after
+# 20 s (Prefect's default is 60) and is retried. Prefect's own 5 retries (2+4+8+16+32 s) stay: a busy
+# SQLite-backed server answers 503 for a while under 8 runs at once (3 retries were not enough on a
+# loaded 2-core machine), and a dead API is ended by the watchdog (prefect_api.py) within ~25 s anyway.
+PREFECT_CLIENT_BOUND = {"PREFECT_API_REQUEST_TIMEOUT": "20"}
 
 
 class _Parser(argparse.ArgumentParser):

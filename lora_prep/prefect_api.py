@@ -56,11 +56,15 @@ class PrefectApi:
     def _gone(self, what: str, tracking) -> OrchestratorUnavailable:
         from lora_prep.tasks.tracking import close_runs_of_this_process
 
-        close_runs_of_this_process(tracking, f"the Prefect API at {self.url} stopped answering")
+        # An HTTP error status means the server answered but kept failing (overloaded, or its database is).
+        how = "kept failing" if what.startswith("HTTP ") else "stopped answering"
+        close_runs_of_this_process(tracking, f"the Prefect API at {self.url} {how}")
         fix = ("start it again (prefect server start), or unset PREFECT_API_URL to use lora-prep's local server"
                if self.kind == "external" else "run again: lora-prep starts its local server anew")
+        if how == "kept failing":
+            fix = "look at the Prefect server's log; a SQLite-backed server under many runs at once wants PostgreSQL; " + fix
         return OrchestratorUnavailable(
-            f"the Prefect API at {self.url} stopped answering during the run ({what}): {fix}; "
+            f"the Prefect API at {self.url} {how} during the run ({what}): {fix}; "
             "a partial artifact is cleaned up by the next run, and the MLflow run is marked FAILED.",
             prefect_api_url=self.url,
         )
@@ -76,7 +80,7 @@ class PrefectApi:
             what = _prefect_transport_error(exc)
             if what is None:
                 raise
-            raise self._gone(what, parameters.get("tracking")) from exc
+            raise self._gone(f"{what}, after Prefect's client retries", parameters.get("tracking")) from exc
         finally:
             done.set()
 

@@ -218,24 +218,7 @@ def launch_mlflow_server(tmp: Path) -> ServerHandle:
     directory: the same shape as an S3 bucket behind a team server.
     One worker: 2 cores, and SQLite serialises writes anyway.
     """
-    tmp = Path(tmp)
-    root = tmp / "mlflow"
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1",
-    ]
-    # MLflow 3 servers also start a job runner and seven huey consumers (GenAI evaluation jobs), each
-    # importing mlflow: seconds of CPU on 2 cores for nothing a test uses.
-    env = child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    env.pop("MLFLOW_TRACKING_URI", None)
-    handle = launch("mlflow server", argv, tmp / "logs" / "mlflow-server.log", env, cwd=root)
-    handle.url = f"http://127.0.0.1:{port}"
-    handle.env = {"MLFLOW_TRACKING_URI": handle.url}
-    return handle
+    return launch_mlflow_server_on(tmp, f"sqlite:///{Path(tmp) / 'mlflow' / 'mlflow.db'}")
 
 
 def start_worker(
@@ -309,6 +292,8 @@ def launch_mlflow_server_on(tmp: Path, backend_store_uri: str, *, workers: int =
         "--artifacts-destination", str(root / "artifacts"),
         "--workers", str(workers),
     ]
+    # MLflow 3 servers also start a job runner and seven huey consumers (GenAI evaluation jobs), each
+    # importing mlflow: seconds of CPU on 2 cores for nothing a test uses.
     env = child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     env.pop("MLFLOW_TRACKING_URI", None)
     handle = launch("mlflow server", argv, tmp / "logs" / "mlflow-server.log", env, cwd=root)
