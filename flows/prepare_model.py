@@ -54,6 +54,13 @@ def open_run(tracking: TrackingSettings, facts: RepoFacts) -> str | None:
     return start_run(tracking, prefect_tags(), params)
 
 
+def _claim_flow_run(flow, run, state) -> None:
+    """on_running hook: the flow run names this process, however it was started (the CLI tags it at creation)."""
+    from lora_prep.tasks.reaper import claim_flow_run
+
+    claim_flow_run(str(run.id), list(run.tags or []))
+
+
 def _mark_run_failed(flow, run, state) -> None:
     """on_failure / on_crashed / on_cancellation hook: no MLflow run is left RUNNING."""
     tracking = TrackingSettings.model_validate(run.parameters.get("tracking") or {})
@@ -66,6 +73,7 @@ def _mark_run_failed(flow, run, state) -> None:
     persist_result=True,
     result_serializer="json",
     timeout_seconds=12 * 3600,
+    on_running=[_claim_flow_run],
     on_failure=[_mark_run_failed],
     on_crashed=[_mark_run_failed],
     on_cancellation=[_mark_run_failed],

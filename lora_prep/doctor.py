@@ -1,6 +1,7 @@
 """`lora-prep doctor`: close what crashed runs left behind on this machine.
 
 - MLflow runs left RUNNING by a process that died, or whose Prefect flow run already ended: FAILED;
+- Prefect flow runs of this host left Running or Pending by a process that died: Crashed;
 - ``.<name>.partial-*`` artifact directories of dead processes: removed;
 - ``*.incomplete`` files that killed downloads left in the HF cache: removed.
 Each preparation does the same for its own store, output directory and repo when it starts.
@@ -17,11 +18,12 @@ def doctor(tracking_uri: str | None, experiment: str, output_dir: str | None) ->
     from lora_prep.tasks.hf_env import cache_dir_for
     from lora_prep.tasks.mlflow_store import client, mlflow_errors, resolve_tracking_uri
     from lora_prep.tasks.paths import default_artifacts_dir
-    from lora_prep.tasks.reaper import reap_stale_runs
+    from lora_prep.tasks.reaper import reap_dead_flow_runs, reap_stale_runs
     from lora_prep.tasks.settings import TrackingSettings
 
     uri = resolve_tracking_uri(TrackingSettings(tracking_uri=tracking_uri, experiment=experiment))
     closed: list[str] = []
+    crashed = reap_dead_flow_runs()
     with mlflow_errors(uri):
         mlflow = client(uri)
         found = mlflow.get_experiment_by_name(experiment)
@@ -37,6 +39,7 @@ def doctor(tracking_uri: str | None, experiment: str, output_dir: str | None) ->
     return {
         "tracking_uri": uri,
         "runs_closed": closed,
+        "flow_runs_crashed": crashed,
         "partial_artifacts_removed": partials,
         "incomplete_downloads_removed": incomplete,
     }

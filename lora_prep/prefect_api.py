@@ -26,27 +26,9 @@ from typing import Any
 
 from lora_prep.tasks.errors import OrchestratorUnavailable
 
-# Started at CLI start, while the Prefect API is found or started: the first imports of torch,
-# transformers and PEFT take seconds that the build stage would otherwise pay later.
 # The watchdog: /health every WATCH_EVERY_S (each probe waits up to WATCH_TIMEOUT_S); the API counts as
 # dead once it has failed every probe for DEAD_AFTER_S. A server busy enough to miss one probe is not dead.
 WATCH_EVERY_S, WATCH_TIMEOUT_S, DEAD_AFTER_S = 5.0, 5.0, 20.0
-HEAVY_IMPORTS = ("torch", "transformers", "peft", "lora_prep.tasks.load", "lora_prep.tasks.lora", "lora_prep.tasks.anatomy")
-
-
-def import_in_background(modules: tuple[str, ...] = HEAVY_IMPORTS) -> threading.Thread:
-    import importlib
-
-    def run() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # the real import in the main thread reports it
-                return
-
-    thread = threading.Thread(target=run, name="lora-prep-imports", daemon=True)
-    thread.start()
-    return thread
 
 
 class PrefectApi:
@@ -74,8 +56,15 @@ class PrefectApi:
         done = threading.Event()
         if self.url and self.url.startswith("http"):
             threading.Thread(target=self._watch, args=(done, parameters.get("tracking")), name="lora-prep-prefect-watchdog", daemon=True).start()
+        from prefect import tags
+
+        from lora_prep.tasks.reaper import process_flow_run_tags
+
         try:
-            return flow(**parameters)
+            # The flow run carries this process from its creation: a kill at any moment later leaves
+            # a run the next one on this machine can tell is dead (tasks/reaper.py reap_dead_flow_runs).
+            with tags(*process_flow_run_tags()):
+                return flow(**parameters)
         except BaseException as exc:
             what = _prefect_transport_error(exc)
             if what is None:
@@ -127,7 +116,6 @@ def prefect_api() -> Iterator[PrefectApi]:
     """The Prefect API of this run: the one Prefect's settings name (PREFECT_API_URL from the environment, the
     active profile or an enclosing settings context), else the shared local server, set for the run with
     Prefect's own scoped settings (so an embedding process's other Prefect use is left as it was)."""
-    import_in_background()  # never joined: the flow's own imports take the import locks in turn
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = PREFECT_API_URL.value()

@@ -12,11 +12,17 @@ machine). Every run carries the host, pid and process start time of the process 
 Stale runs are marked FAILED with a tag saying why; a Prefect flow run still shown Running
 whose process is gone from this host is set Crashed. The next preparation does this on start,
 and so do ``lora-prep log`` and ``lora-prep doctor``.
+
+Prefect flow runs are also found through Prefect itself: a run carries its process as tags
+(``lora-prep.host:<host>``, ``lora-prep.pid:<pid>``, ``lora-prep.started:<start time>``, set when the
+CLI creates it and again when the flow starts running), so a process killed before its MLflow run
+exists (early in the download, while that run is being opened beside it) leaves nothing Running either.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 from lora_prep.tasks.tracking import FLOW_RUN_TAG, HOST_TAG, PID_TAG, STARTED_TAG
@@ -38,6 +44,67 @@ def process_gone(pid: int, started: float | None) -> bool:
         return True
     # Another process reusing the pid started later than the run's own process.
     return started is not None and abs(process.create_time() - started) > 1.0
+
+
+# Prefect tag prefixes naming the process that runs a flow run (tags are the only flow-run field a
+# filter can match on a value, and they are set at creation, before anything else can go wrong).
+HOST_PREFIX, PID_PREFIX, STARTED_PREFIX = "lora-prep.host:", "lora-prep.pid:", "lora-prep.started:"
+_ACTIVE = ("RUNNING", "PENDING")
+
+
+def process_flow_run_tags() -> list[str]:
+    """This process, as Prefect flow-run tags."""
+    import psutil
+
+    return [f"{HOST_PREFIX}{socket.gethostname()}", f"{PID_PREFIX}{os.getpid()}", f"{STARTED_PREFIX}{psutil.Process().create_time():.3f}"]
+
+
+def _tag_value(tags: list[str], prefix: str) -> str | None:
+    return next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None)
+
+
+def claim_flow_run(flow_run_id: str, tags: list[str]) -> None:
+    """Add this process's tags to a flow run that lacks them (one started from Python, not by the CLI)."""
+    mine = process_flow_run_tags()
+    if set(mine) <= set(tags):
+        return
+    try:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as prefect:
+            prefect.update_flow_run(flow_run_id, tags=[t for t in tags if not t.startswith((HOST_PREFIX, PID_PREFIX, STARTED_PREFIX))] + mine)
+    except Exception as exc:  # best effort: the MLflow run's own process tags still find it
+        log.warning("could not tag Prefect flow run %s with its process: %s", flow_run_id, exc)
+
+
+def reap_dead_flow_runs() -> list[str]:
+    """Set Crashed the Running/Pending flow runs of this host whose process is gone; returns their ids."""
+    try:
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+        from prefect.client.schemas.objects import StateType
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            return []
+        host = socket.gethostname()
+        flt = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{HOST_PREFIX}{host}"]),
+                            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in _ACTIVE])))
+        with get_client(sync_client=True) as prefect:
+            runs = prefect.read_flow_runs(flow_run_filter=flt, limit=200)
+    except Exception as exc:  # no API, unreachable: nothing to do from here
+        log.info("could not look for flow runs of dead processes: %s", exc)
+        return []
+    crashed = []
+    for run in runs:
+        pid, started = _tag_value(run.tags, PID_PREFIX), _tag_value(run.tags, STARTED_PREFIX)
+        if not (pid and pid.isdigit()) or not process_gone(int(pid), float(started) if started else None):
+            continue
+        why = f"its process {pid} on {host} is gone (killed or crashed)"
+        _crash_flow_run(str(run.id), f"lora-prep: {why}")
+        crashed.append(str(run.id))
+        log.warning("Prefect flow run %s was left %s and is now Crashed: %s", run.id, run.state.type.value if run.state else "?", why)
+    return crashed
 
 
 def _flow_run_state(flow_run_id: str) -> str | None:

@@ -129,8 +129,9 @@ def start_run(settings: TrackingSettings, tags: dict[str, str], params: dict[str
     """Open (or find again) the run before the heavy stages. An unreachable MLflow does not stop the
     preparation here (warned, and tried again when the artifact is logged); first, runs of dead
     processes are closed (tasks/reaper.py)."""
-    from lora_prep.tasks.reaper import reap_stale_runs
+    from lora_prep.tasks.reaper import reap_dead_flow_runs, reap_stale_runs
 
+    reap_dead_flow_runs()  # through Prefect: also the runs killed before their MLflow run existed
     uri = resolve_tracking_uri(settings)
     try:
         with mlflow_errors(uri):

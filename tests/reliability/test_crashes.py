@@ -162,3 +162,46 @@ def _relaunch_on(port: str, tmp: Path):
                     child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), cwd=root)
     handle.url = f"http://127.0.0.1:{port}"
     return wait_mlflow_server(handle, 60)
+
+
+def _flow_runs_tagged(api: str, tag: str) -> list[dict]:
+    import urllib.request
+
+    body = json.dumps({"flow_runs": {"tags": {"all_": [tag]}}}).encode()
+    request = urllib.request.Request(f"{api}/flow_runs/filter", data=body, method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_preparation_killed_before_its_mlflow_run_exists_leaves_no_flow_run_running(prefect_harness, hub, hf_cache, tmp_path):
+    from filelock import FileLock
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = child_env({"PREFECT_API_URL": prefect_harness, "HF_HUB_CACHE": str(hf_cache)})
+    argv = ["prepare", "tiny/qwen3-moe", "--tracking-uri", uri, "--output-dir", str(tmp_path / "out"), "--json"]
+    weights = "*/tiny/qwen3-moe/resolve/*/model.safetensors"
+    hub.stall_after(weights, 50_000, seconds=60)
+    # The store's first use waits on this lock: the MLflow run (opened beside the download) cannot exist yet.
+    store_lock = FileLock(str(db) + ".init.lock")
+    store_lock.acquire(timeout=10)
+    try:
+        first = _cli(argv, env)
+        try:
+            _wait(lambda: list(Path(hf_cache).rglob("*.incomplete")), "a partial download", process=first)
+        finally:
+            _kill(first)
+        assert not db.exists()  # no MLflow run, no store: only Prefect knows this preparation
+        (killed,) = _flow_runs_tagged(prefect_harness, f"lora-prep.pid:{first.pid}")
+        assert killed["state"]["type"] == "RUNNING"
+    finally:
+        store_lock.release()
+
+    hub.reset_faults()
+    second = _cli(argv, env)
+    out, err = second.communicate(timeout=240)
+    assert second.returncode == 0, err[-3000:]
+    (after,) = _flow_runs_tagged(prefect_harness, f"lora-prep.pid:{first.pid}")
+    assert after["state"]["type"] == "CRASHED" and "is gone" in after["state"]["message"]
+    (this,) = _flow_runs_tagged(prefect_harness, f"lora-prep.pid:{second.pid}")
+    assert this["state"]["type"] == "COMPLETED"
