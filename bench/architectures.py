@@ -33,11 +33,16 @@ def main() -> None:
         os.environ.update({"HF_ENDPOINT": server.url, "HF_HOME": str(home / "hf"), "HF_HUB_CACHE": str(home / "hf" / "hub"),
                            "HF_HUB_DISABLE_XET": "1", "LORA_PREP_HOME": str(home / "lora-prep")})
         from lora_prep.tasks.build import build_adapter_ready
-        from lora_prep.tasks.download import download_snapshot
-        from lora_prep.tasks.hardware import probe_hardware
+        from lora_prep.tasks.hub.repo import resolve_repo
+        from lora_prep.tasks.hub.snapshot import download_snapshot
+        from lora_prep.tasks.machine.hardware import probe_hardware
         from lora_prep.tasks.plan import plan_prepare
-        from lora_prep.tasks.resolve import resolve_repo
-        from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
+        from lora_prep.tasks.settings import (
+            LoadSettings,
+            LoraSettings,
+            OutputSettings,
+            SourceSettings,
+        )
         from tests.model_factory import EXTRA_REPOS, build_test_repos
 
         build_test_repos(server.store)

@@ -10,7 +10,7 @@ every figure pays the same import cost; the modes are:
     imports  nothing more: the baseline
     bare     AutoModelForCausalLM.from_pretrained(dir, dtype=..., device_map="cpu", attn_implementation=...)
     load     tasks.load.load_model through probe_hardware -> plan_load -> load_model (same dtype, device, attention)
-    wrap     load, then tasks.lora.wrap_lora(model, LoraSettings())   (skipped while tasks/lora.py is missing)
+    wrap     load, then tasks.lora.wrap_lora(model, LoraSettings())   (skipped while tasks/lora/wrap.py is missing)
 
 Peak RSS is ru_maxrss (the kernel's high-water mark, so nothing between polls is missed),
 read after the load and again after one 8-token forward pass, which touches every weight
@@ -47,25 +47,25 @@ def peak_rss() -> int:
 
 def _model_facts(model_dir: Path):
     """ModelFacts as the resolve stage builds them: config.json plus counts from safetensors headers."""
-    from lora_prep.tasks.model_facts import ModelFacts
+    from lora_prep.tasks.model.facts import ModelFacts
 
     return ModelFacts.from_local_dir(model_dir, "bench/llama", "0" * 40)
 
 
 def child(mode: str, dtype: str, model_dir: Path) -> dict:
     # The same imports in every mode, so the baseline pays exactly what the others pay.
+    import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    import peft  # noqa: F401
-    from lora_prep.tasks.hardware import probe_hardware
-    from lora_prep.tasks.load import load_model
-    from lora_prep.tasks.load_plan import plan_load
+    from lora_prep.tasks.machine.hardware import probe_hardware
+    from lora_prep.tasks.model.load import load_model
+    from lora_prep.tasks.model.load_plan import plan_load
     from lora_prep.tasks.settings import LoadSettings, LoraSettings
 
     try:
-        from lora_prep.tasks.lora import wrap_lora
+        from lora_prep.tasks.lora.wrap import wrap_lora
     except ImportError:
         wrap_lora = None
 
@@ -83,7 +83,7 @@ def child(mode: str, dtype: str, model_dir: Path) -> dict:
         model = load_model(str(model_dir), plan, settings).model
         if mode == "wrap":
             if wrap_lora is None:
-                return {"skipped": "tasks/lora.py is missing"}
+                return {"skipped": "tasks/lora/wrap.py is missing"}
             model, _ = wrap_lora(model, LoraSettings())
     seconds = time.perf_counter() - started
     after_load = peak_rss()

@@ -25,7 +25,7 @@ if ! "$PYTHON" -c "import pydantic" 2>/dev/null; then
 fi
 
 "$PYTHON" - <<'PY'
-from lora_prep.tasks.hardware import format_profile, probe_hardware
+from lora_prep.tasks.machine.hardware import format_profile, probe_hardware
 print(format_profile(probe_hardware()))
 PY
 exec "$PYTHON" -m pytest tests/test_gpu.py tests/test_plan.py tests/test_hardware.py -q -m "gpu or not gpu" \

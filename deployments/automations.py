@@ -26,12 +26,11 @@ NAME = "crash-zombie-flow-runs"
 
 def crash_zombie_flow_runs(within_seconds: int = 90):
     """Create the automation (or return the one of that name already there)."""
+    from prefect import get_client
     from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
-
-    from prefect import get_client
 
     with get_client(sync_client=True) as client:
         found = client.read_automations_by_name(name=NAME)

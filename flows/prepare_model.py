@@ -6,57 +6,35 @@ Run it with `lora-prep prepare <model id>`, from a Prefect deployment
 
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-from typing import Literal
+from prefect import flow
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from lora_prep.run_support import StageClock, library_logs_to_prefect, prefect_record, prefect_tags, publish_run_artifacts
+from lora_prep.run_support import (
+    StageClock,
+    library_logs_to_prefect,
+    prefect_record,
+    prefect_tags,
+    publish_run_artifacts,
+)
 from lora_prep.tasks.build import build
 from lora_prep.tasks.download import download
-from lora_prep.tasks.hardware import probe
-from lora_prep.tasks.plan import plan_task
-from lora_prep.tasks.resolve import RepoFacts, resolve
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from lora_prep.tasks.tracking import fail_run, start_run, track_task
-
-
-class PreparedModel(BaseModel):
-    """What the flow returns: small, JSON, enough for a pipeline's next step."""
-
-    model_config = ConfigDict(frozen=True)
-
-    artifact_dir: str
-    repo_id: str = Field(description="The Hub repo id, or the local model directory.")
-    source: Literal["hub", "local"] = "hub"
-    revision: str
-    commit_sha: str | None = Field(description="The commit loaded; None for a local directory (see content_digest).")
-    content_digest: str = Field(description="sha256 over the base files' (path, sha256).")
-    mlflow_run_id: str
-    mlflow_tracking_uri: str
-    mlflow_run_url: str | None
-    model_uri: str | None
-    total_params: int
-    trainable_params: int
-    target_modules: list[str]
-    target_parameters: list[str] = Field(default_factory=list, description="Fused expert parameters with LoRA.")
-    bytes_downloaded: int
-    from_cache: bool
-    offline: bool
-    peak_rss_bytes: int
-    seconds: dict[str, float]
-
-
-@task(name="open-mlflow-run", cache_policy=NO_CACHE, timeout_seconds=300)
-def open_run(tracking: TrackingSettings, facts: RepoFacts) -> str | None:
-    params = {"model_id": facts.repo_id, "source": facts.source, "revision": facts.revision, "commit_sha": facts.commit_sha or ""}
-    return start_run(tracking, prefect_tags(), params)
+from lora_prep.tasks.plan import plan
+from lora_prep.tasks.probe import probe
+from lora_prep.tasks.records.results import PreparedModel
+from lora_prep.tasks.resolve import resolve
+from lora_prep.tasks.settings import (
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+    TrackingSettings,
+)
+from lora_prep.tasks.track import open_run, track
+from lora_prep.tasks.tracking.runs import fail_run
 
 
 def _claim_flow_run(flow, run, state) -> None:
     """on_running hook: the flow run names this process, however it was started (the CLI tags it at creation)."""
-    from lora_prep.tasks.reaper import claim_flow_run
+    from lora_prep.tasks.tracking.reaper import claim_flow_run
 
     claim_flow_run(str(run.id), list(run.tags or []))
 
@@ -112,8 +90,8 @@ def prepare_model(
         with clock("probe"):
             profile = probe(source.cache_dir)
         with clock("plan"):
-            plan = plan_task(profile, facts, load, lora, output, revision, source)
-        opened = open_run.submit(tracking, facts)  # in a worker thread, while the weights download
+            planned = plan(profile, facts, load, lora, output, revision, source)
+        opened = open_run.submit(tracking, facts, prefect_tags())  # in a worker thread, while the weights download
         try:
             with clock("download"):
                 snapshot = download(facts, source)
@@ -122,29 +100,9 @@ def prepare_model(
             # (both Python-heavy, one GIL) made the build 2-3 s slower on 2 cores and the whole run no faster (make bench).
             opened.wait()
         with clock("build"):
-            built = build(snapshot, facts, profile, plan, load, lora, output, prefect_record(), source.allow_pickle)
+            built = build(snapshot, facts, profile, planned, load, lora, output, prefect_record(), source.allow_pickle)
         with clock("track"):
-            tracked = track_task(built.artifact_dir, tracking, prefect_tags(), clock.metrics(built, snapshot))
-        result = PreparedModel(
-            artifact_dir=built.artifact_dir,
-            repo_id=facts.repo_id,
-            source=facts.source,
-            revision=revision,
-            commit_sha=snapshot.commit_sha,
-            content_digest=snapshot.content_digest,
-            mlflow_run_id=tracked.run_id,
-            mlflow_tracking_uri=tracked.tracking_uri,
-            mlflow_run_url=tracked.run_url,
-            model_uri=tracked.model_uri,
-            total_params=built.total_params,
-            trainable_params=built.trainable_params,
-            target_modules=built.target_modules,
-            target_parameters=built.target_parameters,
-            bytes_downloaded=snapshot.bytes_transferred,
-            from_cache=snapshot.from_cache,
-            offline=snapshot.offline,
-            peak_rss_bytes=built.peak_rss_bytes,
-            seconds=clock.seconds,
-        )
-        publish_run_artifacts(result, plan)
+            tracked = track(built.artifact_dir, tracking, prefect_tags(), clock.metrics(built, snapshot))
+        result = PreparedModel.assemble(revision, facts, snapshot, built, tracked, clock.seconds)
+        publish_run_artifacts(result, planned)
     return result

@@ -13,81 +13,15 @@ Deployed on a cron schedule by `deployments/prefect.yaml` (deployment
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict
+from prefect import flow, get_run_logger
 
 from lora_prep.flows.prepare_model import prepare_model
-from lora_prep.tasks.resolve import is_local_source, resolve
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 from lora_prep.tasks.errors import InvalidInput
-from lora_prep.tasks.mlflow_store import client, mlflow_errors, resolve_tracking_uri
-from lora_prep.tasks.retry import TRACKING
-
-
-class RefreshResult(BaseModel):
-    """What the refresh did, and where the current artifact is recorded."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_id: str
-    revision: str
-    commit_sha: str
-    prepared: bool  # True: this run prepared the model; False: an earlier run at this commit was found
-    reason: str
-    mlflow_run_id: str | None  # the run of the artifact for this commit (new or found)
-    artifact_dir: str | None  # the artifact directory that run recorded
-
-
-class ExistingRun(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    run_id: str
-    artifact_dir: str | None
-
-
-def find_prepared_run(tracking: TrackingSettings, model_id: str, commit_sha: str) -> ExistingRun | None:
-    """The newest FINISHED run in the experiment with these `params.model_id` and `params.commit_sha`, if any.
-
-    FINISHED matters: a run that failed or is still RUNNING at that commit
-    made no artifact, so it must not stop a refresh.
-    """
-    uri = resolve_tracking_uri(tracking)
-    with mlflow_errors(uri):
-        return _find(client(uri), tracking, model_id, commit_sha)
-
-
-def _find(mlflow, tracking: TrackingSettings, model_id: str, commit_sha: str) -> ExistingRun | None:
-    experiment = mlflow.get_experiment_by_name(tracking.experiment)
-    if experiment is None:
-        return None
-    query = (
-        f"params.model_id = '{_quote(model_id)}' and params.commit_sha = '{_quote(commit_sha)}' "
-        "and attributes.status = 'FINISHED'"
-    )
-    runs = mlflow.search_runs([experiment.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=50)
-    # Child runs (a trained adapter, flows/train_adapter.py) carry the same params but are not preparations.
-    prepared = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    if not prepared:
-        return None
-    run = prepared[0]
-    return ExistingRun(run_id=run.info.run_id, artifact_dir=run.data.tags.get("lora_prep.artifact_dir"))
-
-
-def _quote(value: str) -> str:
-    # MLflow's filter grammar takes single-quoted strings with no escape. Hub ids and shas
-    # never contain a quote, but a model id is user input: refuse rather than build a broken query.
-    if "'" in value:
-        raise InvalidInput(f"model id or sha {value!r} contains a quote; give a Hub model id such as org/name.")
-    return value
-
-
-find_prepared = task(
-    name="find-prepared-run",
-    cache_policy=NO_CACHE,  # the answer changes whenever a prepare run finishes
-    timeout_seconds=300,
-    **TRACKING.task_options(),
-)(find_prepared_run)
+from lora_prep.tasks.hub.facts import is_local_source
+from lora_prep.tasks.records.results import RefreshResult
+from lora_prep.tasks.resolve import resolve
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.track import find_preparation_of_commit
 
 
 @flow(name="refresh-model", flow_run_name="refresh-{model_id}@{revision}", timeout_seconds=12 * 3600)
@@ -110,7 +44,7 @@ def refresh_model(
     if is_local_source(model_id):
         raise InvalidInput(f"model_id {model_id!r} is a local directory: a refresh follows a Hub branch; give a Hub id such as org/name.")
     facts = resolve(model_id, revision, source)
-    existing = None if force else find_prepared(tracking, model_id, facts.commit_sha)
+    existing = None if force else find_preparation_of_commit(tracking, model_id, facts.commit_sha)
     if existing is not None:
         reason = f"commit {facts.commit_sha[:12]} already prepared by MLflow run {existing.run_id}"
         get_run_logger().info("%s@%s unchanged: %s; nothing to do.", model_id, revision, reason)

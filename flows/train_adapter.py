@@ -17,96 +17,33 @@ run of the prepare run.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
-from prefect.states import Completed
-from pydantic import BaseModel, ConfigDict
+from prefect.states import Completed, State
 
 from lora_prep.flows.prepare_model import prepare_model
 from lora_prep.run_support import prefect_record, prefect_tags
-from lora_prep.tasks.train import TrainedAdapter, TrainSettings, train_task
-from lora_prep.tasks.errors import InvalidInput, LoraPrepError, TrackingUnavailable
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
-from lora_prep.tasks.mlflow_store import client, mlflow_errors, resolve_tracking_uri
-from lora_prep.tasks.retry import TRACKING
-from lora_prep.tasks.tracking import FLOW_RUN_TAG, log_artifact_run, start_run
+from lora_prep.tasks import train as training  # `train` is this flow's settings parameter
+from lora_prep.tasks.errors import InvalidInput, LoraPrepError
+from lora_prep.tasks.records.results import Prepared, TrainedAdapter
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings, TrainSettings
+from lora_prep.tasks.track import track_trained
 
 PREPARE_DEPLOYMENT = "prepare-model/prepare-on-demand"
 PREPARE_TIMEOUT_S = 12 * 3600  # the prepare flow's own timeout
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
-
-
-class Prepared(BaseModel):
-    """Where the artifact to train is: a local directory when this machine has it, else its MLflow run."""
-
-    model_config = ConfigDict(frozen=True)
-
-    ref: str  # what load_adapter_ready gets: a directory or runs:/<id>
-    mlflow_run_id: str
-    tracking_uri: str
-    prefect_flow_run_id: str | None = None
-    started_by_pipeline: bool = False  # the prepare run was itself started by a flow (run_deployment)
 
 
 # --- stage 1: prepare, or find a preparation ---------------------------------------------
 
 
-def _flow_run_id(value: str) -> str:
-    """Accept a bare id or the event resource id `prefect.flow-run.<id>` (what `{{ event.resource.id }}` gives)."""
-    return value.rsplit(".", 1)[-1] if value.startswith("prefect.flow-run.") else value
-
-
-def find_prepared_by_flow_run(flow_run_id: str, tracking: TrackingSettings, *, ask_who_started_it: bool = False) -> Prepared:
-    """The artifact a prepare flow run made, found through MLflow (tag prefect.flow_run_id), so it works on any machine.
-
-    Prefect's own result storage would also hold it, but only where the run's
-    result storage is shared; the MLflow server is shared by design.
-    ask_who_started_it: also ask Prefect whether a flow started that run (the trigger path).
-    """
-    from prefect import get_client
-
-    flow_run_id = _flow_run_id(flow_run_id)
-    uri = resolve_tracking_uri(tracking)
-    with mlflow_errors(uri):
-        mlflow = client(uri)
-        experiment = mlflow.get_experiment_by_name(tracking.experiment)
-        runs = [] if experiment is None else mlflow.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' and attributes.status = 'FINISHED'",
-            max_results=1,
-        )
-    if not runs:
-        raise InvalidInput(
-            f"no FINISHED MLflow run tagged {FLOW_RUN_TAG}={flow_run_id} in experiment {tracking.experiment!r} at {uri}; "
-            "pass the tracking settings the prepare run used (tracking.tracking_uri, tracking.experiment)."
-        )
-    run = runs[0]
-    local = run.data.tags.get("lora_prep.artifact_dir")
-    ref = local if local and Path(local, "manifest.json").is_file() else f"runs:/{run.info.run_id}"
-    started_by_pipeline = False
-    if ask_who_started_it:
-        with get_client(sync_client=True) as prefect:
-            # run_deployment inside a flow links the new run to a task run of that flow.
-            started_by_pipeline = prefect.read_flow_run(flow_run_id).parent_task_run_id is not None
-    return Prepared(ref=ref, mlflow_run_id=run.info.run_id, tracking_uri=uri, prefect_flow_run_id=flow_run_id,
-                    started_by_pipeline=started_by_pipeline)
-
-
-find_prepared = task(
-    name="find-prepared-artifact", cache_policy=NO_CACHE, timeout_seconds=300, **TRACKING.task_options(),
-)(find_prepared_by_flow_run)
-
-
-def _prepare(model_id, revision, prepare, prepare_deployment, prepared_flow_run_id, settings: dict) -> Prepared:
+def _prepare(model_id: str | None, revision: str, prepare: str, prepare_deployment: str, prepared_flow_run_id: str | None,
+             settings: dict[str, Any]) -> Prepared:
     """Stage 1 in its three forms; runs in the flow (a subflow call cannot live in a task)."""
     tracking: TrackingSettings = settings["tracking"]
     if prepared_flow_run_id:
-        return find_prepared(prepared_flow_run_id, tracking, ask_who_started_it=True)
+        return training.find_prepared(prepared_flow_run_id, tracking, ask_who_started_it=True)
     if not model_id:
         raise InvalidInput("model_id is required unless prepared_flow_run_id names a finished prepare run; give a Hub id such as org/name.")
     if prepare == "subflow":
@@ -123,48 +60,7 @@ def _prepare(model_id, revision, prepare, prepare_deployment, prepared_flow_run_
             f"prepare deployment {prepare_deployment!r} run {run.id} ended {state}"
             f"{': ' + run.state.message if run.state and run.state.message else ''}; see that flow run's logs.",
         )
-    return find_prepared(str(run.id), tracking)
-
-
-# --- stage 3: track ------------------------------------------------------------------------------
-
-
-def log_trained(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingSettings, train: TrainSettings) -> str:
-    """A child run of the prepare run, in its experiment: loss curve per step, training params, the new artifact.
-
-    The artifact goes under `artifact/` like a prepare run's, so
-    `load_adapter_ready("runs:/<child run id>")` loads the trained adapter.
-    """
-    from mlflow.entities import Metric
-
-    with mlflow_errors(prepared.tracking_uri):
-        mlflow = client(prepared.tracking_uri)
-        parent = mlflow.get_run(prepared.mlflow_run_id)
-        experiment = mlflow.get_experiment(parent.info.experiment_id).name
-    settings = tracking.model_copy(update={"tracking_uri": prepared.tracking_uri, "experiment": experiment})
-    tags = {**prefect_tags(), PARENT_RUN_TAG: prepared.mlflow_run_id, "lora_prep.kind": "trained-adapter"}
-    params = {f"train.{k}": v for k, v in train.model_dump(mode="json").items()}
-    run_id = start_run(settings, tags, {**params, "parent_run_id": prepared.mlflow_run_id, "parent_artifact": prepared.ref})
-    if run_id is None:
-        raise TrackingUnavailable(f"MLflow at {prepared.tracking_uri} is unreachable; the trained artifact is kept at {trained.artifact_dir}.")
-    stamp = int(time.time() * 1000)
-    try:
-        with mlflow_errors(prepared.tracking_uri):
-            # One point per optimizer step: MLflow draws the curve from the step index.
-            mlflow.log_batch(run_id, metrics=[Metric("loss", loss, stamp, step) for step, loss in enumerate(trained.losses)])
-    except BaseException:
-        with mlflow_errors(prepared.tracking_uri):
-            mlflow.set_terminated(run_id, "FAILED")  # never left RUNNING; a task retry finds it by its tags again
-        raise
-    stats = {"eval_loss_before": trained.eval_loss_before, "eval_loss_after": trained.eval_loss_after, "final_loss": trained.losses[-1],
-             "seconds.train": trained.seconds}
-    return log_artifact_run(Path(trained.artifact_dir), settings, tags, stats).run_id
-
-
-track_trained = task(
-    name="track-trained-adapter", cache_policy=NO_CACHE, timeout_seconds=3600, **TRACKING.task_options(),
-)(log_trained)
-
+    return training.find_prepared(str(run.id), tracking)
 
 
 # --- the flow ------------------------------------------------------------------------------------
@@ -172,7 +68,7 @@ track_trained = task(
 
 def _run_name() -> str:
     params = current_flow_run.parameters
-    return f"train-{params.get('model_id') or 'after-' + _flow_run_id(str(params.get('prepared_flow_run_id')))[:8]}"
+    return f"train-{params.get('model_id') or 'after-' + training.flow_run_id_of(str(params.get('prepared_flow_run_id')))[:8]}"
 
 
 @flow(name="train-adapter", flow_run_name=_run_name, persist_result=True, result_serializer="json", timeout_seconds=24 * 3600)
@@ -188,7 +84,7 @@ def train_adapter(
     lora: LoraSettings = LoraSettings(),
     tracking: TrackingSettings = TrackingSettings(),
     output: OutputSettings = OutputSettings(),
-):
+) -> TrainedAdapter | State:
     """Prepare a model (or take a finished preparation), train its LoRA adapter for a few steps, save and track it.
 
     1. prepare  as a subflow, through the prepare deployment, or take the artifact of `prepared_flow_run_id`
@@ -216,6 +112,6 @@ def train_adapter(
         message = f"skipped: prepare run {prepared.prefect_flow_run_id} was started by another flow, which trains it"
         get_run_logger().info(message)
         return Completed(message=message)
-    trained = train_task(prepared.ref, prepared.mlflow_run_id, prepared.tracking_uri, train, source, output, prefect_record())
-    run_id = track_trained(trained, prepared, tracking, train)
+    trained = training.train(prepared.ref, prepared.mlflow_run_id, prepared.tracking_uri, train, source, output, prefect_record())
+    run_id = track_trained(trained, prepared, tracking, train, prefect_tags())
     return trained.model_copy(update={"mlflow_run_id": run_id, "parent_mlflow_run_id": prepared.mlflow_run_id})

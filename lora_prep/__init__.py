@@ -22,10 +22,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     "prepare_model": "lora_prep.flows.prepare_model",
-    "PreparedModel": "lora_prep.flows.prepare_model",
-    "load_adapter_ready": "lora_prep.tasks.artifact_load",
-    "AdapterReady": "lora_prep.tasks.artifact_load",
-    "Manifest": "lora_prep.tasks.manifest",
+    "PreparedModel": "lora_prep.tasks.records.results",
+    "load_adapter_ready": "lora_prep.tasks.artifact.load_back",
+    "AdapterReady": "lora_prep.tasks.artifact.load_back",
+    "Manifest": "lora_prep.tasks.records.manifest",
     "SourceSettings": "lora_prep.tasks.settings",
     "LoadSettings": "lora_prep.tasks.settings",
     "LoraSettings": "lora_prep.tasks.settings",
@@ -41,11 +41,18 @@ __all__ = [
 assert set(__all__) == set(_API)
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on demand
-    from lora_prep.flows.prepare_model import PreparedModel, prepare_model
-    from lora_prep.tasks.artifact_load import AdapterReady, load_adapter_ready
+    from lora_prep.flows.prepare_model import prepare_model
+    from lora_prep.tasks.artifact.load_back import AdapterReady, load_adapter_ready
     from lora_prep.tasks.errors import LoraPrepError
-    from lora_prep.tasks.manifest import Manifest
-    from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+    from lora_prep.tasks.records.manifest import Manifest
+    from lora_prep.tasks.records.results import PreparedModel
+    from lora_prep.tasks.settings import (
+        LoadSettings,
+        LoraSettings,
+        OutputSettings,
+        SourceSettings,
+        TrackingSettings,
+    )
 
 
 def __getattr__(name: str) -> Any:

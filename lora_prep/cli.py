@@ -16,6 +16,7 @@ import sys
 import traceback
 
 from lora_prep.cli_options import UsageError, add_settings_options, settings_from_args
+from lora_prep.tasks.errors import InvalidInput, LoraPrepError
 
 EXIT_OK = 0
 # lora-prep's own bound on the Prefect client in this process (set before Prefect is imported, so
@@ -73,14 +74,16 @@ def cmd_prepare(args) -> int:
     settings = settings_from_args(args)
     _check_model_arguments(args.model_id, args.revision)  # before any Prefect server is found or started
     with prefect_api() as api:
-        from lora_prep.flows.prepare_model import prepare_model  # imports torch, transformers, peft
+        from lora_prep.flows.prepare_model import (
+            prepare_model,  # imports torch, transformers, peft
+        )
 
         _quiet_console(args.debug)
         result = api.run(prepare_model, model_id=args.model_id, revision=args.revision, **settings)
     if args.json:
         print(result.model_dump_json())
         return EXIT_OK
-    from lora_prep.tasks.tracking import where_to_open
+    from lora_prep.tasks.tracking.runs import where_to_open
 
     pin = result.commit_sha or f"content digest {result.content_digest}"
     experts = f", {len(result.target_parameters)} expert parameters" if result.target_parameters else ""
@@ -101,8 +104,9 @@ def cmd_prepare(args) -> int:
 
 
 def _check_model_arguments(model_id: str, revision: str) -> None:
-    from lora_prep.tasks.hf_cache import check_revision
-    from lora_prep.tasks.resolve import check_model_id, is_local_source
+    from lora_prep.tasks.hub.cache import check_revision
+    from lora_prep.tasks.hub.facts import is_local_source
+    from lora_prep.tasks.hub.repo import check_model_id
 
     if not is_local_source(model_id):
         check_model_id(model_id)
@@ -119,7 +123,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from lora_prep.tasks.hardware import format_profile, probe_hardware
+    from lora_prep.tasks.machine.hardware import format_profile, probe_hardware
 
     profile = probe_hardware(args.cache_dir)
     print(profile.model_dump_json() if args.json else format_profile(profile))
@@ -127,7 +131,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_load(args) -> int:
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
     from lora_prep.tasks.settings import SourceSettings
 
     source = SourceSettings(**{k: v for k, v in dict(cache_dir=args.cache_dir, offline=args.offline or None,
@@ -143,7 +147,7 @@ def cmd_log(args) -> int:
     from pathlib import Path
 
     from lora_prep.tasks.settings import TrackingSettings
-    from lora_prep.tasks.tracking import log_artifact_run
+    from lora_prep.tasks.tracking.artifacts import log_artifact_run
 
     values = dict(tracking_uri=args.tracking_uri, experiment=args.experiment, register_as=args.register_as, alias=args.alias)
     tracking = TrackingSettings(**{k: v for k, v in values.items() if v is not None})
@@ -242,6 +246,33 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def classify(exc: BaseException) -> BaseException:
+    """The error the CLI reports: ours as is; a library's transport error turned into ours; else unchanged."""
+    if isinstance(exc, LoraPrepError):
+        return exc
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):  # a settings model or a flow parameter rejected a value
+        return InvalidInput(f"invalid parameters: {' '.join(str(exc).split())}")
+    import httpx
+
+    if isinstance(exc, httpx.TransportError):  # Prefect's client (huggingface_hub uses httpx2, MLflow requests)
+        from prefect.settings import PREFECT_API_URL
+
+        from lora_prep.tasks.errors import OrchestratorUnavailable
+
+        url = PREFECT_API_URL.value() or "the embedded server"
+        return OrchestratorUnavailable(f"the Prefect API at {url} does not answer ({type(exc).__name__}): start it "
+                                       "(prefect server start) or unset PREFECT_API_URL to use lora-prep's local server.")
+    from lora_prep.tasks.tracking.store import is_connection_problem
+
+    if is_connection_problem(exc):
+        from lora_prep.tasks.errors import TrackingUnavailable
+
+        return TrackingUnavailable(f"MLflow is unreachable ({type(exc).__name__}): start the tracking server or check --tracking-uri.")
+    return exc
+
+
 def console_main() -> None:
     """The `lora-prep` console script: this process is ours, so Prefect's client is bounded for it."""
     for key, value in PREFECT_CLIENT_BOUND.items():
@@ -268,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # the top of the program: map every error to an exit code
         if isinstance(exc, SystemExit):
             raise
+        from lora_prep.cli import classify
         from lora_prep.tasks.errors import exit_code
-        from lora_prep.tasks.library_errors import classify
 
         if debug:
             traceback.print_exc()

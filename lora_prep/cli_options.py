@@ -20,7 +20,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from lora_prep.tasks.settings import PRESETS, LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.settings import (
+    PRESETS,
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+    TrackingSettings,
+)
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "source": SourceSettings,

@@ -13,13 +13,17 @@ from pathlib import Path
 
 
 def doctor(tracking_uri: str | None, experiment: str, output_dir: str | None) -> dict:
-    from lora_prep.tasks.artifact import clean_stale_partials
-    from lora_prep.tasks.hf_cache import clean_orphaned_downloads
-    from lora_prep.tasks.hf_env import cache_dir_for
-    from lora_prep.tasks.mlflow_store import client, mlflow_errors, resolve_tracking_uri
-    from lora_prep.tasks.paths import default_artifacts_dir
-    from lora_prep.tasks.reaper import reap_dead_flow_runs, reap_stale_runs
+    from lora_prep.tasks.artifact.write import clean_stale_partials
+    from lora_prep.tasks.common.paths import default_artifacts_dir
+    from lora_prep.tasks.hub.cache import clean_orphaned_downloads
+    from lora_prep.tasks.hub.env import cache_dir_for
     from lora_prep.tasks.settings import TrackingSettings
+    from lora_prep.tasks.tracking.reaper import reap_dead_flow_runs, reap_stale_runs
+    from lora_prep.tasks.tracking.store import (
+        client,
+        mlflow_errors,
+        resolve_tracking_uri,
+    )
 
     uri = resolve_tracking_uri(TrackingSettings(tracking_uri=tracking_uri, experiment=experiment))
     closed: list[str] = []

@@ -9,46 +9,14 @@ directory, and says whether it fits. No Prefect server, no MLflow, nothing writt
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from lora_prep.tasks.load_plan import LoadPlan
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
-from lora_prep.tasks.targets import TargetPlan
-from lora_prep.tasks.units import format_bytes
-
-
-class PlannedFile(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    path: str
-    bytes: int
-    cached: bool
-
-
-class PlanReport(BaseModel):
-    """The dry run's record: the plan is there also when the model does not fit (fits=false, with the numbers)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    repo_id: str
-    source: str
-    revision: str
-    commit_sha: str | None
-    files: list[PlannedFile]
-    bytes_total: int
-    bytes_to_download: int
-    files_cached: int
-    param_count: int | None
-    stored_dtypes: dict[str, int]
-    disk_free_bytes: int
-    lora: LoraSettings
-    plan: LoadPlan
-    targets: TargetPlan
-    artifact_parent: str
-    fits: bool
-    refusal: str | None = Field(default=None, description="Why it does not fit, with the options that would.")
-    memory_estimate_bytes: int
-    memory_available_bytes: int
+from lora_prep.tasks.common.units import format_bytes
+from lora_prep.tasks.records.plan import PlannedFile, PlanReport
+from lora_prep.tasks.settings import (
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+)
 
 
 def _cached(facts, cache_dir: str | None) -> list[str]:
@@ -62,10 +30,10 @@ def _cached(facts, cache_dir: str | None) -> list[str]:
 
 def dry_run(model_id: str, revision: str, source: SourceSettings, load: LoadSettings, lora: LoraSettings,
             output: OutputSettings = OutputSettings()) -> PlanReport:
-    from lora_prep.tasks.hardware import probe_hardware
-    from lora_prep.tasks.hf_env import cache_dir_for, get_token
+    from lora_prep.tasks.hub.env import cache_dir_for, get_token
+    from lora_prep.tasks.hub.repo import resolve_repo
+    from lora_prep.tasks.machine.hardware import probe_hardware
     from lora_prep.tasks.plan import plan_prepare
-    from lora_prep.tasks.resolve import resolve_repo
 
     facts = resolve_repo(model_id, revision, source, token=get_token(source))
     profile = probe_hardware(source.cache_dir)

@@ -63,7 +63,7 @@ def _read_state() -> dict | None:
 
 
 def _touch(state: dict) -> None:
-    from lora_prep.tasks.files import write_json_atomic
+    from lora_prep.tasks.common.files import write_json_atomic
 
     state_file, _, _ = _paths()
     write_json_atomic(state_file, {**state, "last_used": time.time()})
@@ -167,7 +167,6 @@ def _watchdog(server, url: str, idle_timeout: float) -> None:
 
 def serve(port: int, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
     import uvicorn
-
     from prefect.server.api.server import create_app
 
     server = uvicorn.Server(uvicorn.Config(create_app(final=True), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

@@ -36,7 +36,7 @@ class PrefectApi:
         self.url, self.kind = url, kind
 
     def _gone(self, what: str, tracking) -> OrchestratorUnavailable:
-        from lora_prep.tasks.tracking import close_runs_of_this_process
+        from lora_prep.tasks.tracking.runs import close_runs_of_this_process
 
         # An HTTP error status means the server answered but kept failing (overloaded, or its database is).
         how = "kept failing" if what.startswith("HTTP ") else "stopped answering"
@@ -58,11 +58,11 @@ class PrefectApi:
             threading.Thread(target=self._watch, args=(done, parameters.get("tracking")), name="lora-prep-prefect-watchdog", daemon=True).start()
         from prefect import tags
 
-        from lora_prep.tasks.reaper import process_flow_run_tags
+        from lora_prep.tasks.tracking.reaper import process_flow_run_tags
 
         try:
             # The flow run carries this process from its creation: a kill at any moment later leaves
-            # a run the next one on this machine can tell is dead (tasks/reaper.py reap_dead_flow_runs).
+            # a run the next one on this machine can tell is dead (tasks/tracking/reaper.py reap_dead_flow_runs).
             with tags(*process_flow_run_tags()):
                 return flow(**parameters)
         except BaseException as exc:
@@ -96,7 +96,6 @@ class PrefectApi:
 def _prefect_transport_error(exc: BaseException) -> str | None:
     """What failed, when a Prefect API call is what broke the run: 'ConnectError', 'HTTP 503 on POST /api/...'."""
     import httpx
-
     from prefect.exceptions import PrefectHTTPStatusError
 
     seen: set[int] = set()

@@ -57,7 +57,7 @@ def library_logs_to_prefect(level: int = logging.INFO) -> Iterator[None]:
 
 
 def _summary_markdown(result, plan) -> str:
-    from lora_prep.tasks.tracking import where_to_open
+    from lora_prep.tasks.tracking.runs import where_to_open
 
     reasons = "\n".join(f"| {k} | {v} |" for k, v in plan.load.reasons.items())
     seconds = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
@@ -102,7 +102,7 @@ def publish_run_artifacts(result, plan) -> None:
     # Artifact keys: lowercase letters, digits and dashes only.
     create_markdown_artifact(key="prepare-summary", markdown=_summary_markdown(result, plan),
                              description=f"{result.repo_id}@{(result.commit_sha or result.content_digest)[:12]}")
-    if result.mlflow_run_url:  # only where a server answers at that URL (tasks/tracking.py run_url)
+    if result.mlflow_run_url:  # only where a server answers at that URL (tasks/tracking/runs.py run_url)
         create_link_artifact(key="mlflow-run", link=result.mlflow_run_url, link_text=f"MLflow run {result.mlflow_run_id}")
 
 
@@ -127,7 +127,7 @@ def prefect_record():
     """The current flow run, for the manifest."""
     from prefect.runtime import deployment, flow_run
 
-    from lora_prep.tasks.manifest import PrefectRecord
+    from lora_prep.tasks.records.manifest import PrefectRecord
 
     return PrefectRecord(flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name),
                          deployment_name=str(deployment.name) if deployment.id else None)

@@ -11,82 +11,38 @@ the local directory the user named), never the cache snapshot it was loaded from
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import resource
-import sys
 import time
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict
 
-from lora_prep.tasks.artifact import artifact_name, model_card, package_versions, utc_now, write_artifact
-from lora_prep.tasks.download import Snapshot
-from lora_prep.tasks.hardware import HardwareProfile
-from lora_prep.tasks.manifest import (
+from lora_prep.tasks.artifact.card import model_card
+from lora_prep.tasks.artifact.write import (
+    artifact_name,
+    file_records,
+    package_versions,
+    utc_now,
+    write_artifact,
+)
+from lora_prep.tasks.common.process import peak_rss_bytes
+from lora_prep.tasks.lora.wrap import save_adapter
+from lora_prep.tasks.records.build import BuiltArtifact
+from lora_prep.tasks.records.hub import RepoFacts, Snapshot
+from lora_prep.tasks.records.machine import HardwareProfile
+from lora_prep.tasks.records.manifest import (
     AdapterRecord,
     BaseModelRecord,
-    CheckRecord,
     LoraRecord,
     Manifest,
     Parameters,
     PrefectRecord,
 )
-from lora_prep.tasks.plan import Plan
-from lora_prep.tasks.resolve import RepoFacts
+from lora_prep.tasks.records.plan import Plan
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings
-from lora_prep.tasks.verify import SnapshotFile
 
 log = logging.getLogger(__name__)
-
-
-class BuiltArtifact(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    artifact_dir: str
-    total_params: int
-    trainable_params: int
-    target_modules: list[str]
-    target_parameters: list[str]
-    adapter_bytes: int
-    content_digest: str
-    check: CheckRecord
-    peak_rss_bytes: int
-    seconds: float
-
-
-def peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def save_adapter(peft_model, out_dir: Path, name_or_path: str, revision: str | None, *, save_embedding_layers: bool) -> None:
-    """PEFT's save_pretrained with a portable base: the repo id (or the user's directory) and the commit sha.
-
-    PEFT records the path the base was loaded from (a cache snapshot here) and revision None, and
-    its model card repeats the model's name_or_path (config._name_or_path, and a base_model:adapter:
-    tag); all are set for the save and restored. ``save_embedding_layers`` is decided by the
-    caller, so PEFT's "auto" never asks the Hub.
-    """
-    config = peft_model.peft_config["default"]
-    base = peft_model.get_base_model()
-    saved = (config.base_model_name_or_path, config.revision, base.config._name_or_path, base.name_or_path)
-    config.base_model_name_or_path, config.revision = name_or_path, revision
-    base.config._name_or_path = base.name_or_path = name_or_path
-    try:
-        peft_model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=save_embedding_layers)
-    finally:
-        config.base_model_name_or_path, config.revision, base.config._name_or_path, base.name_or_path = saved
-
-
-def _files(root: Path) -> list[SnapshotFile]:
-    return [
-        SnapshotFile(path=str(p.relative_to(root.parent)), size=p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in sorted(root.rglob("*")) if p.is_file()
-    ]
 
 
 def build_adapter_ready(
@@ -100,10 +56,10 @@ def build_adapter_ready(
     prefect: PrefectRecord = PrefectRecord(),
     allow_pickle: bool = False,
 ) -> BuiltArtifact:
-    from lora_prep.tasks.check import run_check, skipped
-    from lora_prep.tasks.load import load_model
-    from lora_prep.tasks.lora import wrap_lora
-    from lora_prep.tasks.tokenizer import save_tokenizer
+    from lora_prep.tasks.lora.wrap import wrap_lora
+    from lora_prep.tasks.model.check import run_check, skipped
+    from lora_prep.tasks.model.load import load_model
+    from lora_prep.tasks.model.tokenizer import save_tokenizer
 
     started = time.perf_counter()
     loaded = load_model(snapshot.snapshot_dir, plan.load, load, allow_pickle=allow_pickle)
@@ -139,7 +95,7 @@ def build_adapter_ready(
             lora=LoraRecord(settings=lora, targets=targets),
             parameters=Parameters(total=report.total_params, trainable=report.trainable_params),
             adapter=AdapterRecord(estimated_bytes=report.adapter_bytes, save_embedding_layers=report.save_embedding_layers,
-                                  warnings=report.warnings, files=_files(tmp / "adapter")),
+                                  warnings=report.warnings, files=file_records(tmp / "adapter")),
             check=check,
             versions=package_versions(),
             prefect=prefect,

@@ -1,259 +1,27 @@
 """Stage 4, download: the selected files at the commit sha into the HF cache, verified once per blob.
 
-The HF cache is the store: ``snapshot_download`` (its file locks make two runs on one machine
-fetch each blob once) fills ``snapshots/<sha>/`` with links to ``blobs/``. Selected files are
-asked for by exact name (glob-escaped: ``allow_patterns`` are fnmatch patterns, and a file
-literally named ``*.model`` must not pull in ``original/huge.model``), inside ``guarded_hub()``
-so no server header becomes a path unchecked (tasks/hf_cache.py). Then every file is verified
-(tasks/verify.py); a mismatch deletes the blob and fetches it once more, a second mismatch is an
-``IntegrityError``. Orphaned partial downloads of killed runs are removed first.
-
-A local model directory is "downloaded" by hashing its selected files (markers under the
-lora-prep data directory make a warm run free); the Snapshot then carries a content digest
-in place of a commit sha.
+The work is ``lora_prep.tasks.hub.snapshot.download_snapshot``; this stage looks up the token, retries
+transient Hub errors, and caches its small ``Snapshot`` record on what is on disk (``SnapshotOnDisk``).
 """
 
 from __future__ import annotations
 
-import glob
-import shutil
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
-from pydantic import BaseModel, ConfigDict, Field
 
-from lora_prep.tasks.errors import IntegrityError, NotEnoughDisk
-from lora_prep.tasks.hf_cache import clean_orphaned_downloads, guarded_hub, record_ref
-from lora_prep.tasks.hf_env import cache_dir_for, get_token, is_offline, repo_cache_dir
-from lora_prep.tasks.library_errors import hub_errors
-from lora_prep.tasks.logs import run_logger
-from lora_prep.tasks.paths import data_home
-from lora_prep.tasks.resolve import RepoFacts, content_digest
-from lora_prep.tasks.retry import NETWORK
+from lora_prep.tasks.common.retry import NETWORK
+from lora_prep.tasks.hub.env import cache_dir_for, get_token, is_offline
+from lora_prep.tasks.hub.snapshot import download_snapshot, snapshot_state
+from lora_prep.tasks.records.hub import RepoFacts, Snapshot
 from lora_prep.tasks.settings import SourceSettings
-from lora_prep.tasks.verify import SnapshotFile, VerifyStats, discard, hash_local_file, locate, verify_file
 
-# Files downloaded in parallel; huggingface_hub's default for snapshot_download.
-DOWNLOAD_WORKERS = 8
 # Bumped when the cache key's meaning changes, so old Prefect cache records stop matching.
 CACHE_KEY_VERSION = "download@2"
-
-
-class Snapshot(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    repo_id: str
-    source: Literal["hub", "local"] = "hub"
-    revision: str
-    commit_sha: str | None = Field(description="The commit; None for a local directory.")
-    snapshot_dir: str = Field(description="snapshots/<sha> in the HF cache, or the local directory: load from here.")
-    files: list[SnapshotFile]
-    content_digest: str = Field(description="sha256 over the selected files' (path, sha256): names these exact bytes.")
-    bytes_transferred: int = Field(ge=0, description="File body bytes this call received from the Hub.")
-    from_cache: bool = Field(description="True when this call received no file bodies.")
-    offline: bool
-    seconds: float
-
-
-# --- disk space ------------------------------------------------------------------------------
-
-
-def check_disk_space(
-    cache_dir: str | Path,
-    needed_bytes: int,
-    min_free_bytes: int,
-    free_bytes_fn: Callable[[str], Any] = shutil.disk_usage,
-) -> None:
-    """Refuse before downloading when the cache's disk cannot hold needed_bytes and keep min_free_bytes."""
-    probe = Path(cache_dir)
-    while not probe.exists() and probe != probe.parent:  # the cache may not exist yet
-        probe = probe.parent
-    free = free_bytes_fn(str(probe)).free
-    if free - needed_bytes < min_free_bytes:
-        keep = f" and keep {min_free_bytes:,} free (min_free_bytes)" if min_free_bytes else ""
-        raise NotEnoughDisk(
-            f"the download needs {needed_bytes:,} bytes{keep} in {cache_dir} but only {free:,} bytes are free: "
-            "free some space (hf cache delete), or set cache_dir / HF_HUB_CACHE to a larger disk.",
-            needed_bytes=needed_bytes,
-            free_bytes=free,
-        )
-
-
-def missing_bytes(facts: RepoFacts, cache_dir: str) -> int:
-    """Bytes of the selected files whose blob is not in the cache yet (what a download must fetch)."""
-    blobs = repo_cache_dir(cache_dir, facts.repo_id) / "blobs"
-    return sum(f.size for f in (facts.file(p) for p in facts.selected) if not (blobs / f.blob_name).is_file())
-
-
-# --- counting bytes received -------------------------------------------------------------------
-
-# huggingface_hub's progress bars that advance by the bytes received from the network:
-# snapshot_download's aggregated transfer bar, and hf_hub_download's per-file bar.
-_TRANSFER_BARS = frozenset({"huggingface_hub.snapshot_download.transfer", "huggingface_hub.http_get"})
-
-
-def _byte_counter() -> tuple[type, Callable[[], int]]:
-    """A tqdm class for huggingface_hub that also counts bytes received, bars shown or not.
-
-    bytes_transferred is what this call received, not what appeared in the cache: when two
-    runs fetch the same model at once, the one that waited on huggingface_hub's file lock
-    counts 0 (the cache grew for both). A resumed stream counts each byte once.
-    """
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
-    received = [0]
-    lock = threading.Lock()
-
-    class CountingTqdm(hf_tqdm):
-        def __init__(self, *args, **kwargs):
-            self._lora_prep_counts = kwargs.get("name") in _TRANSFER_BARS
-            super().__init__(*args, **kwargs)
-
-        def update(self, n=1):
-            if self._lora_prep_counts and n:
-                with lock:
-                    received[0] += int(n)
-            return super().update(n)
-
-    return CountingTqdm, lambda: received[0]
-
-
-# --- download ----------------------------------------------------------------------------------
-
-
-def download_snapshot(
-    facts: RepoFacts,
-    source: SourceSettings = SourceSettings(),
-    token: str | None = None,
-    *,
-    stats: VerifyStats | None = None,
-) -> Snapshot:
-    """The selected files of facts.repo_id at facts.commit_sha in the HF cache, verified.
-
-    Offline (facts.offline, source.offline or HF_HUB_OFFLINE) uses the cache only.
-    stats: filled with what verification hashed (for benchmarks).
-    """
-    stats = stats if stats is not None else VerifyStats()
-    if facts.is_local:
-        return local_snapshot(facts, stats=stats)
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    t0 = time.monotonic()
-    cache_dir = cache_dir_for(source)
-    storage = repo_cache_dir(cache_dir, facts.repo_id)
-    offline = facts.offline or is_offline(source)
-    repo_id, sha = facts.repo_id, facts.commit_sha
-    tqdm_class, received = _byte_counter()
-
-    if not offline:
-        clean_orphaned_downloads(cache_dir, repo_id)
-        check_disk_space(cache_dir, missing_bytes(facts, cache_dir), source.min_free_bytes)
-    with guarded_hub(), hub_errors(repo_id, facts.revision):
-        snapshot_dir = Path(
-            snapshot_download(
-                repo_id,
-                revision=sha,
-                cache_dir=cache_dir,
-                allow_patterns=[glob.escape(p) for p in facts.selected],  # exact names, not patterns
-                local_files_only=offline,
-                token=token,
-                max_workers=DOWNLOAD_WORKERS,
-                tqdm_class=tqdm_class,
-            )
-        )
-
-    verified: dict[str, SnapshotFile] = {}
-    for attempt in (1, 2):
-        bad = []
-        t_verify = time.perf_counter()
-        for path in facts.selected:
-            if path in verified:
-                continue
-            stats.files += 1
-            result = verify_file(storage, snapshot_dir, facts.file(path), stats)
-            if result is None:
-                bad.append(path)
-            else:
-                verified[path] = result
-        stats.seconds += time.perf_counter() - t_verify
-        if not bad:
-            break
-        for path in bad:
-            discard(storage, snapshot_dir, path)
-        if attempt == 2 or offline:
-            state = "does not match the Hub's sha256/size after a fresh download" if attempt == 2 else "is corrupt or missing in the HF cache"
-            fix = (
-                "it was removed from the cache; run again with network access to fetch it again."
-                if offline
-                else "the Hub or a proxy serves other bytes than it lists; try later, or check HF_ENDPOINT."
-            )
-            raise IntegrityError(f"{repo_id}@{sha[:12]}: {', '.join(bad[:3])} {state}: {fix}", repo_id=repo_id, revision=facts.revision)
-        for path in bad:  # once more, from the Hub; huggingface_hub takes its file lock again
-            with guarded_hub(), hub_errors(repo_id, facts.revision, path):
-                hf_hub_download(repo_id, path, revision=sha, cache_dir=cache_dir, token=token, tqdm_class=tqdm_class)
-
-    if not offline:
-        record_ref(cache_dir, repo_id, facts.revision, sha)
-    transferred = received()
-    files = [verified[p] for p in facts.selected]
-    run_logger(__name__).info(
-        "%s@%s: %d files in %s, %d bytes received, verified in %.3f s (%d hashed, %d bytes).",
-        repo_id, sha[:12], len(verified), snapshot_dir, transferred, stats.seconds, stats.hashed, stats.hashed_bytes,
-    )
-    return Snapshot(
-        repo_id=repo_id, revision=facts.revision, commit_sha=sha, snapshot_dir=str(snapshot_dir), files=files,
-        content_digest=content_digest([(f.path, f.sha256) for f in files]), bytes_transferred=transferred,
-        from_cache=transferred == 0, offline=offline, seconds=round(time.monotonic() - t0, 3),
-    )
-
-
-def local_marker_dir() -> Path:
-    """Where the sha256 of local model files is remembered (never inside the user's directory)."""
-    return data_home() / "local-digests"
-
-
-def local_snapshot(facts: RepoFacts, *, stats: VerifyStats | None = None) -> Snapshot:
-    """A local model directory as a Snapshot: each selected file hashed (or its marker read), and their digest."""
-    t0 = time.monotonic()
-    stats = stats if stats is not None else VerifyStats()
-    root = Path(facts.repo_id)
-    files = []
-    for path in facts.selected:
-        p = root / path
-        if not p.is_file() or p.stat().st_size != facts.file(path).size:
-            raise IntegrityError(f"{root}: {path} changed or disappeared since it was listed: run again once the directory is stable.")
-        stats.files += 1
-        files.append(SnapshotFile(path=path, size=p.stat().st_size, sha256=hash_local_file(local_marker_dir(), p, stats)))
-    digest = content_digest([(f.path, f.sha256) for f in files])
-    run_logger(__name__).info("%s: %d local files, content digest %s (%d hashed).", root, len(files), digest[:12], stats.hashed)
-    return Snapshot(
-        repo_id=facts.repo_id, source="local", revision=facts.revision, commit_sha=None, snapshot_dir=str(root),
-        files=files, content_digest=digest, bytes_transferred=0, from_cache=True, offline=False,
-        seconds=round(time.monotonic() - t0, 3),
-    )
-
-
-# --- the Prefect task ----------------------------------------------------------------------
-
-
-def snapshot_state(facts: RepoFacts, cache_dir: str) -> list[tuple[str, int, int, int]] | None:
-    """(path, size, mtime_ns, inode) of each selected file's blob, or None when any is missing."""
-    snapshot_dir = repo_cache_dir(cache_dir, facts.repo_id) / "snapshots" / facts.commit_sha
-    state = []
-    for path in facts.selected:
-        located = locate(snapshot_dir, path)
-        if located is None:
-            return None
-        st = located.blob.stat()
-        state.append((path, st.st_size, st.st_mtime_ns, st.st_ino))
-    return state
 
 
 @dataclass

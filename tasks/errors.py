@@ -18,7 +18,7 @@ Every error carries its context and ends with what to do. ``str(err)`` is one li
         └── OrchestratorUnavailable   the Prefect API stopped answering
 
 Library errors (huggingface_hub, httpx2, MLflow, Prefect) are turned into these by type in
-``tasks/library_errors.py``, never by message text.
+``tasks/hub/errors.py``, never by message text.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class OrchestratorUnavailable(TransientError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when retrying could help (used by the retry policy in tasks/retry.py)."""
+    """True when retrying could help (used by the retry policy in tasks/common/retry.py)."""
     return isinstance(exc, LoraPrepError) and exc.transient
 
 

@@ -1,7 +1,7 @@
 """Stage 3, plan: everything decided before a weight moves, and every bad input refused here.
 
-1. the load plan (tasks/load_plan.py): dtype, attention, placement, quantization, fit;
-2. the LoRA targets on the model's skeleton (tasks/targets.py): exact module and expert-parameter
+1. the load plan (tasks/model/load_plan.py): dtype, attention, placement, quantization, fit;
+2. the LoRA targets on the model's skeleton (tasks/lora/targets.py): exact module and expert-parameter
    names, exclusions with reasons, dropout, trainable parameters;
 3. the artifact's parent directory: a directory that can be created and written.
 
@@ -15,26 +15,26 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
-from lora_prep.tasks.anatomy import skeleton
-from lora_prep.tasks.artifact import check_output_dir
-from lora_prep.tasks.errors import DoesNotFit, InvalidInput, LoraPrepError, RemoteCodeRefused
-from lora_prep.tasks.hardware import HardwareProfile
-from lora_prep.tasks.load_plan import LoadPlan, plan_for_repo
-from lora_prep.tasks.resolve import RepoFacts
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
-from lora_prep.tasks.targets import TargetPlan, plan_targets
-
-
-class Plan(BaseModel):
-    """The plan stage's result: small JSON, read by build, the manifest and `lora-prep plan`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    load: LoadPlan
-    targets: TargetPlan
-    artifact_parent: str = Field(description="Where the artifact directory will be created (checked writable).")
+from lora_prep.tasks.artifact.write import check_output_dir
+from lora_prep.tasks.errors import (
+    DoesNotFit,
+    InvalidInput,
+    LoraPrepError,
+    RemoteCodeRefused,
+)
+from lora_prep.tasks.lora.targets import plan_targets
+from lora_prep.tasks.model.anatomy import skeleton
+from lora_prep.tasks.model.load_plan import plan_for_repo
+from lora_prep.tasks.records.hub import RepoFacts
+from lora_prep.tasks.records.machine import HardwareProfile
+from lora_prep.tasks.records.plan import LoadPlan, Plan
+from lora_prep.tasks.settings import (
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+)
 
 
 def _code_dir(facts: RepoFacts, source: SourceSettings) -> str:
@@ -43,9 +43,9 @@ def _code_dir(facts: RepoFacts, source: SourceSettings) -> str:
         return facts.repo_id
     from huggingface_hub import hf_hub_download
 
-    from lora_prep.tasks.hf_cache import guarded_hub
-    from lora_prep.tasks.hf_env import cache_dir_for, get_token
-    from lora_prep.tasks.library_errors import hub_errors
+    from lora_prep.tasks.hub.cache import guarded_hub
+    from lora_prep.tasks.hub.env import cache_dir_for, get_token
+    from lora_prep.tasks.hub.errors import hub_errors
 
     code = ["config.json", *[p for p in facts.selected if p.endswith(".py")]]
     path = None
@@ -106,4 +106,4 @@ def plan_prepare(
 
 
 # No cache: a plan is cheap and must follow the profile measured now. No retries: a refusal is final.
-plan_task = task(name="plan", cache_policy=NO_CACHE, retries=0, timeout_seconds=300)(plan_prepare)
+plan = task(name="plan", cache_policy=NO_CACHE, retries=0, timeout_seconds=300)(plan_prepare)

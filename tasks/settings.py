@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lora_prep.tasks.units import is_size
+from lora_prep.tasks.common.units import is_size
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # PEFT initialisations that need no training data (eva, corda, lora_ga need a
@@ -278,4 +278,21 @@ class OutputSettings(_Settings):
         title="Check that the model runs",
         default=True,
         description="Run the LoRA-wrapped model forward and backward on a few tokens before writing the artifact; a wrapping that breaks the model is refused. Reads every weight once.",
+    )
+
+
+class TrainSettings(BaseModel):
+    """The training loop: AdamW on the adapter parameters only, causal LM loss on a built-in corpus."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(default=20, gt=0, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(default=5e-3, gt=0, lt=1, description="AdamW learning rate (LoRA takes rates ~10x those of full fine-tuning).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (0: an adapter weight changes only by its gradient).")
+    batch_size: int = Field(default=4, gt=0, le=4096, description="Sentences per step.")
+    max_length: int = Field(default=32, gt=1, le=1_000_000, description="Tokens per sentence; longer ones are cut.")
+    seed: int = Field(default=0, ge=0, description="Seed for dropout and batch order.")
+    verify_base: bool = Field(
+        default=True,
+        description="Hash every base weight before and after training to prove it did not change. Reads all weights twice (seconds per GB).",
     )

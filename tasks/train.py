@@ -13,11 +13,16 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
-from lora_prep.tasks.logs import run_logger
-from lora_prep.tasks.manifest import PrefectRecord
-from lora_prep.tasks.settings import OutputSettings, SourceSettings
+from lora_prep.tasks.artifact.card import training_card
+from lora_prep.tasks.common.logs import run_logger
+from lora_prep.tasks.common.retry import TRACKING
+from lora_prep.tasks.errors import InvalidInput
+from lora_prep.tasks.records.manifest import MANIFEST, PrefectRecord
+from lora_prep.tasks.records.results import Prepared, TrainedAdapter
+from lora_prep.tasks.settings import OutputSettings, SourceSettings, TrackingSettings, TrainSettings
+from lora_prep.tasks.tracking.runs import preparation_of_flow_run
+from lora_prep.tasks.tracking.store import resolve_tracking_uri
 
 # A tiny corpus made here: enough for a few steps of next-token loss to fall measurably.
 SENTENCES = (
@@ -30,48 +35,6 @@ SENTENCES = (
     "The loss curve is logged once per step to the tracking server.",
     "A new artifact records its parent so the lineage can be followed.",
 )
-
-
-class TrainSettings(BaseModel):
-    """The training loop: AdamW on the adapter parameters only, causal LM loss on a built-in corpus."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(default=20, gt=0, le=1_000_000, description="Optimizer steps.")
-    lr: float = Field(default=5e-3, gt=0, lt=1, description="AdamW learning rate (LoRA takes rates ~10x those of full fine-tuning).")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (0: an adapter weight changes only by its gradient).")
-    batch_size: int = Field(default=4, gt=0, le=4096, description="Sentences per step.")
-    max_length: int = Field(default=32, gt=1, le=1_000_000, description="Tokens per sentence; longer ones are cut.")
-    seed: int = Field(default=0, ge=0, description="Seed for dropout and batch order.")
-    verify_base: bool = Field(
-        default=True,
-        description="Hash every base weight before and after training to prove it did not change. Reads all weights twice (seconds per GB).",
-    )
-
-
-class TrainedAdapter(BaseModel):
-    """What training returns: small JSON, with the evidence that only the adapter learned."""
-
-    model_config = ConfigDict(frozen=True)
-
-    artifact_dir: str  # the new artifact
-    parent_ref: str  # the artifact trained (directory or runs:/ URI)
-    parent_mlflow_run_id: str
-    mlflow_run_id: str | None = None  # the child run, once tracked
-    steps: int
-    lr: float
-    losses: list[float]  # training loss per step
-    eval_loss_before: float  # the whole corpus, eval mode (no dropout), before the first step
-    eval_loss_after: float
-    trainable_params: int
-    trainable_outside_adapter: list[str]  # parameters with requires_grad that are not LoRA: must be empty
-    adapter_tensors: int
-    adapter_tensors_changed: int
-    # sha256 of every weight that is not LoRA (None when verify_base is off). With lora.bias other
-    # than "none" the biases train too and show in trainable_outside_adapter; the hash then changes.
-    base_sha256_before: str | None
-    base_sha256_after: str | None
-    seconds: float
 
 
 def is_adapter_param(name: str) -> bool:
@@ -118,11 +81,19 @@ def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, setti
     """Load the artifact trainable, train the adapter, save it as a new artifact whose manifest names its parent."""
     import torch
 
-    from lora_prep.tasks.artifact import artifact_name, artifact_parent, model_card, package_versions, utc_now, write_artifact
-    from lora_prep.tasks.artifact_load import load_adapter_ready
-    from lora_prep.tasks.build import _files, save_adapter
-    from lora_prep.tasks.manifest import Manifest, ParentRecord, TrainingRecord
-    from lora_prep.tasks.tokenizer import save_tokenizer
+    from lora_prep.tasks.artifact.card import model_card
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
+    from lora_prep.tasks.artifact.write import (
+        artifact_name,
+        artifact_parent,
+        package_versions,
+        utc_now,
+        write_artifact,
+    )
+    from lora_prep.tasks.artifact.write import file_records as _files
+    from lora_prep.tasks.lora.wrap import save_adapter
+    from lora_prep.tasks.model.tokenizer import save_tokenizer
+    from lora_prep.tasks.records.manifest import Manifest, ParentRecord, TrainingRecord
 
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -186,11 +157,43 @@ def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, setti
     )
 
 
-def training_card(manifest) -> str:
-    t, parent = manifest.training, manifest.parent
-    return (f"\n## Training\n\nTrained {t.steps} steps at lr {t.lr} from `{parent.artifact}` "
-            f"(MLflow run `{parent.mlflow_run_id}`): eval loss {t.eval_loss_before:.4f} -> {t.eval_loss_after:.4f}.\n")
-
-
 # tag "gpu": the same tag concurrency limit as the prepare flow's build task (one model per GPU slot).
-train_task = task(name="train-adapter", tags=["gpu"], cache_policy=NO_CACHE, timeout_seconds=12 * 3600)(train_and_save)
+train = task(name="train", tags=["gpu"], cache_policy=NO_CACHE, timeout_seconds=12 * 3600)(train_and_save)
+
+
+# --- finding what to train --------------------------------------------------------------------------
+
+
+def flow_run_id_of(value: str) -> str:
+    """A bare flow run id, from itself or the event resource id ``prefect.flow-run.<id>`` (``{{ event.resource.id }}``)."""
+    return value.rsplit(".", 1)[-1] if value.startswith("prefect.flow-run.") else value
+
+
+def find_prepared_artifact(flow_run_id: str, tracking: TrackingSettings, *, ask_who_started_it: bool = False) -> Prepared:
+    """The artifact a prepare flow run made, found through MLflow (its run is tagged with the flow run id), so it
+    works on any machine: Prefect's result storage would hold it too, but only where that storage is shared;
+    the MLflow server is shared by design. ask_who_started_it: also ask Prefect whether a flow started that
+    run (the trigger path)."""
+    flow_run_id = flow_run_id_of(flow_run_id)
+    found = preparation_of_flow_run(tracking, flow_run_id)
+    if found is None:
+        raise InvalidInput(
+            f"no FINISHED MLflow run of prepare flow run {flow_run_id} in experiment {tracking.experiment!r} at "
+            f"{resolve_tracking_uri(tracking)}; pass the tracking settings the prepare run used (tracking.tracking_uri, tracking.experiment)."
+        )
+    local = found.artifact_dir
+    ref = local if local and Path(local, MANIFEST).is_file() else f"runs:/{found.run_id}"
+    started_by_pipeline = False
+    if ask_who_started_it:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as prefect:
+            # run_deployment inside a flow links the new run to a task run of that flow.
+            started_by_pipeline = prefect.read_flow_run(flow_run_id).parent_task_run_id is not None
+    return Prepared(ref=ref, mlflow_run_id=found.run_id, tracking_uri=found.tracking_uri, prefect_flow_run_id=flow_run_id,
+                    started_by_pipeline=started_by_pipeline)
+
+
+find_prepared = task(
+    name="find-preparation-of-flow-run", cache_policy=NO_CACHE, timeout_seconds=300, **TRACKING.task_options(),
+)(find_prepared_artifact)

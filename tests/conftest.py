@@ -131,7 +131,7 @@ _PREFECT_HOME = Path(tempfile.mkdtemp(prefix="lora-prep-prefect-"))
 os.environ["PREFECT_HOME"] = str(_PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # No MLflow client knobs here (MLFLOW_HTTP_REQUEST_*): the suite runs with the user's defaults,
-# and lora-prep's own bound on its calls (tasks/mlflow_store.py) is what keeps a dead server fast.
+# and lora-prep's own bound on its calls (tasks/tracking/store.py) is what keeps a dead server fast.
 for _key in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST_")]:
     os.environ.pop(_key)
 # No per-user defaults leak from the developer's machine into tests.
@@ -151,10 +151,9 @@ def _stop_local_prefect_server() -> None:
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[str]:
     """A real Prefect API (the test harness: a temporary database and a server subprocess); yields its API URL."""
+    from prefect.logging.configuration import setup_logging
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
-
-    from prefect.logging.configuration import setup_logging
 
     with prefect_test_harness(server_startup_timeout=120):
         # Configure Prefect's console handler now, on the session's stderr: configured

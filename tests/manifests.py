@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_prep.tasks.artifact import write_artifact
-from lora_prep.tasks.hardware import HardwareProfile
-from lora_prep.tasks.load import LoadReport
-from lora_prep.tasks.load_plan import LoadPlan
-from lora_prep.tasks.manifest import AdapterRecord, BaseModelRecord, CheckRecord, LoraRecord, Manifest, Parameters, PrefectRecord
+from lora_prep.tasks.artifact.write import write_artifact
+from lora_prep.tasks.records.build import CheckRecord, LoadReport
+from lora_prep.tasks.records.machine import HardwareProfile
+from lora_prep.tasks.records.manifest import (
+    AdapterRecord,
+    BaseModelRecord,
+    LoraRecord,
+    Manifest,
+    Parameters,
+    PrefectRecord,
+)
+from lora_prep.tasks.records.plan import LoadPlan, TargetPlan
 from lora_prep.tasks.settings import LoadSettings, LoraSettings
-from lora_prep.tasks.targets import TargetPlan
 
 SHA = "a" * 40
 

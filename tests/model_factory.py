@@ -108,7 +108,14 @@ letters, cook dinner, walk home, sing songs, and sleep at night. Numbers such as
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     """Train the byte-level BPE once per process; the JSON is reused for every repo."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

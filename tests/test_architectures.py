@@ -12,8 +12,13 @@ import torch
 from safetensors import safe_open
 
 from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
-from lora_prep.tasks.manifest import read_manifest
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
+from lora_prep.tasks.records.manifest import read_manifest
+from lora_prep.tasks.settings import (
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+)
 from tests.model_factory import EXTRA_REPOS, MOE_ARCHS, expert_params, routers
 
 IDS = torch.tensor([[1, 7, 42, 99, 3]])
@@ -21,10 +26,10 @@ IDS = torch.tensor([[1, 7, 42, 99, 3]])
 
 def _stages(repo_id: str, cache: Path, out: Path, lora: LoraSettings = LoraSettings()):
     from lora_prep.tasks.build import build_adapter_ready
-    from lora_prep.tasks.download import download_snapshot
-    from lora_prep.tasks.hardware import probe_hardware
+    from lora_prep.tasks.hub.repo import resolve_repo
+    from lora_prep.tasks.hub.snapshot import download_snapshot
+    from lora_prep.tasks.machine.hardware import probe_hardware
     from lora_prep.tasks.plan import plan_prepare
-    from lora_prep.tasks.resolve import resolve_repo
 
     source, load, output = SourceSettings(cache_dir=str(cache)), LoadSettings(), OutputSettings(output_dir=str(out))
     facts = resolve_repo(repo_id, "main", source)
@@ -45,7 +50,7 @@ def _owners(tensors: dict) -> set[str]:
 
 @pytest.mark.parametrize("arch", list(EXTRA_REPOS), ids=list(EXTRA_REPOS))
 def test_every_architecture_prepares_with_the_defaults_and_its_adapter_holds_lora_where_it_matters(arch, hub, hf_cache, tmp_path):
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     repo_id = EXTRA_REPOS[arch]
     facts, plan, build = _stages(repo_id, hf_cache, tmp_path / "out")

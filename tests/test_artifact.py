@@ -15,18 +15,23 @@ import pytest
 import torch
 
 from lora_prep.tasks.errors import IntegrityError, InvalidInput
-from lora_prep.tasks.manifest import read_manifest
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
+from lora_prep.tasks.records.manifest import read_manifest
+from lora_prep.tasks.settings import (
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+)
 
 INPUT = torch.tensor([[1, 7, 42, 99, 3, 250]])
 
 
 def _build(repo_id: str, cache: Path, out: Path, lora: LoraSettings):
     from lora_prep.tasks.build import build_adapter_ready
-    from lora_prep.tasks.download import download_snapshot
-    from lora_prep.tasks.hardware import probe_hardware
+    from lora_prep.tasks.hub.repo import resolve_repo
+    from lora_prep.tasks.hub.snapshot import download_snapshot
+    from lora_prep.tasks.machine.hardware import probe_hardware
     from lora_prep.tasks.plan import plan_prepare
-    from lora_prep.tasks.resolve import resolve_repo
 
     source, load, output = SourceSettings(cache_dir=str(cache)), LoadSettings(), OutputSettings(output_dir=str(out))
     facts = resolve_repo(repo_id, "main", source)
@@ -39,8 +44,8 @@ def _build(repo_id: str, cache: Path, out: Path, lora: LoraSettings):
 
 def _in_memory_logits(snapshot, plan, lora: LoraSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The model the build stage made, rebuilt in memory: base logits and adapted logits."""
-    from lora_prep.tasks.load import load_model
-    from lora_prep.tasks.lora import wrap_lora
+    from lora_prep.tasks.lora.wrap import wrap_lora
+    from lora_prep.tasks.model.load import load_model
 
     loaded = load_model(snapshot.snapshot_dir, plan, LoadSettings())
     with torch.no_grad():
@@ -64,7 +69,7 @@ NOT_IDENTITY = LoraSettings(r=4, init_lora_weights=False, seed=7)
     ids=["llama", "gpt2", "phi3", "gpt-neox", "llama-pissa"],
 )
 def test_artifact_round_trip_gives_the_logits_of_the_in_memory_model(hub, hf_cache, tmp_path, repo_id, lora):
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     built, snapshot, plan = _build(repo_id, hf_cache, tmp_path / "out", lora)
     base, expected = _in_memory_logits(snapshot, plan, lora)
@@ -103,7 +108,7 @@ def test_manifest_records_the_pinned_base_files_plan_lora_versions_and_a_model_c
 
 
 def test_load_back_refuses_a_base_whose_files_differ_from_the_manifest(hub, hf_cache, tmp_path):
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     built, _, _ = _build("tiny/llama", hf_cache, tmp_path / "out", LoraSettings(r=2))
     path = Path(built.artifact_dir) / "manifest.json"
@@ -118,7 +123,7 @@ def test_load_back_refuses_a_base_whose_files_differ_from_the_manifest(hub, hf_c
 
 
 def test_load_back_repairs_a_tampered_cached_base_file_before_loading(hub, hf_cache, tmp_path):
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     built, snapshot, _ = _build("tiny/llama", hf_cache, tmp_path / "out", LoraSettings(r=2))
     blob = (Path(snapshot.snapshot_dir) / "model.safetensors").resolve()
@@ -139,7 +144,7 @@ def test_a_crash_while_writing_leaves_no_complete_looking_artifact(tmp_path):
         f"""
         import os, signal
         from pathlib import Path
-        from lora_prep.tasks.artifact import write_artifact
+        from lora_prep.tasks.artifact.write import write_artifact
 
         def fill(tmp: Path):
             (tmp / "adapter").mkdir()
@@ -160,7 +165,7 @@ def test_a_crash_while_writing_leaves_no_complete_looking_artifact(tmp_path):
 
 
 def test_an_existing_artifact_directory_is_never_overwritten(tmp_path):
-    from lora_prep.tasks.artifact import write_artifact
+    from lora_prep.tasks.artifact.write import write_artifact
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(InvalidInput):
@@ -169,7 +174,7 @@ def test_an_existing_artifact_directory_is_never_overwritten(tmp_path):
 
 
 def test_load_back_on_different_hardware_replans_and_says_so(hub, hf_cache, tmp_path):
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     built, _, _ = _build("tiny/llama", hf_cache, tmp_path / "out", LoraSettings(r=2))
     path = Path(built.artifact_dir) / "manifest.json"

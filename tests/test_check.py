@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lora_prep.tasks.check import run_check
-from lora_prep.tasks.lora import wrap_lora
+from lora_prep.tasks.lora.wrap import wrap_lora
+from lora_prep.tasks.model.check import run_check
 from lora_prep.tasks.settings import LoraSettings
 from tests.model_factory import _config, save_tokenizer
 

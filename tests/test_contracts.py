@@ -11,16 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_manifest_json_schema_in_docs_is_current():
-    from lora_prep.tasks.manifest import schema_text
+    from lora_prep.tasks.records.manifest import schema_text
 
     committed = (ROOT / "docs" / "manifest.schema.json").read_text()
-    assert committed == schema_text(), "regenerate: python -m lora_prep.tasks.manifest docs/manifest.schema.json"
+    assert committed == schema_text(), "regenerate: python -m lora_prep.tasks.records.manifest docs/manifest.schema.json"
     assert json.loads(committed)["properties"]["schema"]["const"] == "lora-prep/manifest@2"
 
 
 def test_a_manifest_of_another_schema_is_refused_in_one_line_naming_both(tmp_path):
     from lora_prep.tasks.errors import InvalidInput
-    from lora_prep.tasks.manifest import read_manifest
+    from lora_prep.tasks.records.manifest import read_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": "lora-prep/manifest@1", "base_model": {}}))
     with pytest.raises(InvalidInput) as err:

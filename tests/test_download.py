@@ -18,9 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from lora_prep.tasks.download import VerifyStats, check_disk_space, download_snapshot
-from lora_prep.tasks.errors import GatedRepo, IntegrityError, NotEnoughDisk, OfflineCacheMiss
-from lora_prep.tasks.resolve import resolve_repo
+from lora_prep.tasks.errors import (
+    GatedRepo,
+    IntegrityError,
+    NotEnoughDisk,
+    OfflineCacheMiss,
+)
+from lora_prep.tasks.hub.repo import resolve_repo
+from lora_prep.tasks.hub.snapshot import check_disk_space, download_snapshot
+from lora_prep.tasks.hub.verify import VerifyStats
 from lora_prep.tasks.settings import SourceSettings
 from tests.model_factory import build_model_dir
 

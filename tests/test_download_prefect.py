@@ -17,10 +17,17 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from lora_prep.tasks.download import Snapshot, download
-from lora_prep.tasks.errors import GatedRepo, InvalidInput, RepoNotFound, RevisionNotFound
-from lora_prep.tasks.hf_env import get_token
-from lora_prep.tasks.resolve import RepoFacts, resolve, resolve_repo
+from lora_prep.tasks.download import download
+from lora_prep.tasks.errors import (
+    GatedRepo,
+    InvalidInput,
+    RepoNotFound,
+    RevisionNotFound,
+)
+from lora_prep.tasks.hub.env import get_token
+from lora_prep.tasks.hub.repo import resolve_repo
+from lora_prep.tasks.records.hub import RepoFacts, Snapshot
+from lora_prep.tasks.resolve import resolve
 from lora_prep.tasks.settings import SourceSettings
 
 # Retries as declared on the tasks, without the waiting.
@@ -123,7 +130,12 @@ def test_resolve_falls_back_to_the_cache_only_after_its_retries(prefect_harness,
 def test_token_from_a_secret_block_opens_a_gated_repo_and_is_recorded_nowhere(prefect_harness, hub, hf_cache, hub_token, capfd, caplog):
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     block = f"hf-token-{uuid.uuid4().hex[:8]}"
     Secret(value=hub_token).save(block)

@@ -265,7 +265,12 @@ def test_the_nightly_refresh_of_an_unchanged_commit_prepares_nothing(stack, prep
 
 
 def test_a_pipeline_run_prepares_through_the_deployment_then_trains_and_the_trigger_leaves_it_alone(stack, triggered):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+    )
 
     started = time.monotonic()
     flow_run = start_run(stack, "train-adapter/train-on-demand", parameters={

@@ -59,8 +59,14 @@ import pytest
 
 from tests import postgres
 from tests.servers import (
-    BIN, ServerHandle, launch_mlflow_server_on, launch_prefect_server_on, run_cli, start_worker_as,
-    wait_mlflow_server, wait_prefect_server,
+    BIN,
+    ServerHandle,
+    launch_mlflow_server_on,
+    launch_prefect_server_on,
+    run_cli,
+    start_worker_as,
+    wait_mlflow_server,
+    wait_prefect_server,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -154,7 +160,12 @@ def trains_by_prepare_run(client) -> dict:
 
 def build_intervals(client, flow_run_ids) -> dict:
     """{task run id: (flow run id, Running timestamp, end timestamp or None)} of the build-artifact task runs."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
 
     tasks = client.read_task_runs(
         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))),

@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from lora_prep.tasks.manifest import read_manifest
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.records.manifest import read_manifest
+from lora_prep.tasks.settings import (
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+    TrackingSettings,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -129,7 +135,7 @@ def test_a_prefect_retried_flow_reuses_its_mlflow_run(hub, hf_cache, mlflow_uri,
 def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlflow_uri, tmp_path):
     import torch
 
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     result = _prepare(
         "tiny/llama", hf_cache, mlflow_uri, tmp_path / "out",
@@ -146,12 +152,12 @@ def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlfl
 
 
 def test_mlflow_unreachable_keeps_the_artifact_and_says_how_to_log_it_later(hub, hf_cache, tmp_path):
-    from lora_prep.tasks.errors import TrackingUnavailable
-
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from lora_prep.tasks.errors import TrackingUnavailable
 
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
     state = _prepare("tiny/llama", hf_cache, dead, tmp_path / "out", return_state=True)
@@ -169,7 +175,7 @@ def test_mlflow_unreachable_keeps_the_artifact_and_says_how_to_log_it_later(hub,
             flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
             return await client.read_task_runs(flow_run_filter=flow_filter)
 
-    track = [t for t in asyncio.run(task_runs()) if t.name.startswith("track-mlflow")]
+    track = [t for t in asyncio.run(task_runs()) if t.name.startswith("track-")]
     assert [t.run_count for t in track] == [3]  # the first try and its 2 retries, then the error
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from lora_prep.tasks.hardware import CudaDevice, HardwareProfile, PackageCheck, check_package, format_profile, probe_hardware
+from lora_prep.tasks.machine.hardware import (
+    check_package,
+    format_profile,
+    probe_hardware,
+)
+from lora_prep.tasks.records.machine import CudaDevice, HardwareProfile, PackageCheck
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,6 @@ def test_probe_task_never_caches_and_never_retries():
     pytest.importorskip("prefect")
     from prefect.cache_policies import NO_CACHE
 
-    from lora_prep.tasks.hardware import probe
+    from lora_prep.tasks.probe import probe
 
     assert probe.name == "probe" and probe.cache_policy == NO_CACHE and probe.retries == 0

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_prep.tasks.download import download_snapshot
 from lora_prep.tasks.errors import (
     EntryNotFound,
     GatedRepo,
@@ -22,9 +21,10 @@ from lora_prep.tasks.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
-from lora_prep.tasks.hf_env import get_token
-from lora_prep.tasks.resolve import resolve_repo
-from lora_prep.tasks.selection import select_files
+from lora_prep.tasks.hub.env import get_token
+from lora_prep.tasks.hub.repo import resolve_repo
+from lora_prep.tasks.hub.selection import select_files
+from lora_prep.tasks.hub.snapshot import download_snapshot
 from lora_prep.tasks.settings import SourceSettings
 from tests.model_factory import build_model_dir
 

@@ -17,10 +17,16 @@ import pytest
 import torch
 
 from lora_prep.tasks.errors import InvalidInput, PickleRefused, RemoteCodeRefused
-from lora_prep.tasks.hardware import probe_hardware
-from lora_prep.tasks.load import LoadReport, bnb_config, load_model
-from lora_prep.tasks.tokenizer import NEW_PAD_TOKEN, choose_pad_token, load_tokenizer
-from lora_prep.tasks.load_plan import ModelFacts, plan_load
+from lora_prep.tasks.machine.hardware import probe_hardware
+from lora_prep.tasks.model.facts import ModelFacts
+from lora_prep.tasks.model.load import bnb_config, load_model
+from lora_prep.tasks.model.load_plan import plan_load
+from lora_prep.tasks.model.tokenizer import (
+    NEW_PAD_TOKEN,
+    choose_pad_token,
+    load_tokenizer,
+)
+from lora_prep.tasks.records.build import LoadReport
 from lora_prep.tasks.settings import LoadSettings, LoraSettings
 from tests.model_factory import ARCHS, EOS_ID, REMOTE_CODE_MARKER_ENV, build_model_dir
 
@@ -118,7 +124,7 @@ def test_planned_flash_attention_falls_back_to_sdpa_on_this_cpu_machine_and_the_
     plan = plan_for(profile, dirs["llama"]).model_copy(
         update={"attn_implementation": "flash_attention_2", "attn_fallbacks": ["sdpa", "eager"]}
     )
-    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.load"):
+    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.model.load"):
         loaded = load_model(str(dirs["llama"]), plan, LoadSettings())
 
     assert loaded.report.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
@@ -144,7 +150,7 @@ def test_an_import_error_that_is_not_about_attention_is_not_retried_with_another
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (prequantized / "config.json").write_text(json.dumps(config))
     plan = plan_for(profile, dirs["llama"]).model_copy(update={"attn_fallbacks": ["eager"]})
-    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.load"), pytest.raises(ImportError, match="bitsandbytes") as err:
+    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.model.load"), pytest.raises(ImportError, match="bitsandbytes") as err:
         load_model(str(prequantized), plan, LoadSettings())
     assert not isinstance(err.value, InvalidInput)  # transformers' own error, not "no attention could be used"
     assert not any("trying eager" in r.getMessage() for r in caplog.records)
@@ -260,7 +266,7 @@ def test_a_token_the_vocabulary_reserves_for_padding_is_preferred_over_unk(dirs)
 
 
 def test_gradient_checkpointing_with_lora_gives_gradients_to_lora_weights_only_and_recomputes_layers(profile, dirs):
-    from lora_prep.tasks import lora
+    from lora_prep.tasks.lora import wrap as lora
     settings = LoadSettings(gradient_checkpointing=True)
     loaded = load_model(str(dirs["llama"]), plan_for(profile, dirs["llama"], settings), settings)
     assert loaded.report.gradient_checkpointing and loaded.model.is_activation_checkpointing

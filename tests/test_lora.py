@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
-from lora_prep.tasks.lora import LoraReport, wrap_lora
-from lora_prep.tasks.targets import resolve_targets as resolve_target_plan
+from lora_prep.tasks.lora.targets import resolve_targets as resolve_target_plan
+from lora_prep.tasks.lora.wrap import LoraReport, wrap_lora
 from lora_prep.tasks.settings import LoraSettings
 from tests.model_factory import ARCHS, HIDDEN, VOCAB_SIZE, build_model_dir
 
@@ -308,7 +308,7 @@ def test_adapter_bytes_match_the_tensors_in_the_saved_file(load, tmp_path):
 def test_modules_to_save_warns_and_counts_the_full_copy_in_the_adapter_size(load, caplog):
     lora_only = wrap_lora(load("llama"), LoraSettings(r=4))[1].adapter_bytes
 
-    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.lora"):
+    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.lora.wrap"):
         _, report = wrap_lora(load("llama"), LoraSettings(r=4, modules_to_save=["lm_head"]))
 
     head_bytes = VOCAB_SIZE * HIDDEN * 4  # float32

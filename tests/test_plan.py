@@ -7,8 +7,11 @@ from types import SimpleNamespace
 import pytest
 
 from lora_prep.tasks.errors import DoesNotFit, InvalidInput, RemoteCodeRefused
-from lora_prep.tasks.hardware import CudaDevice, HardwareProfile, PackageCheck
-from lora_prep.tasks.load_plan import LoadPlan, ModelFacts, parse_size, plan_load, weights_bytes
+from lora_prep.tasks.model.facts import ModelFacts
+from lora_prep.tasks.model.load_plan import parse_size, plan_load
+from lora_prep.tasks.model.rules import weights_bytes
+from lora_prep.tasks.records.machine import CudaDevice, HardwareProfile, PackageCheck
+from lora_prep.tasks.records.plan import LoadPlan
 from lora_prep.tasks.settings import LoadSettings
 
 GiB = 2**30
@@ -374,11 +377,11 @@ def test_plan_task_is_a_prefect_task_that_plans_from_repo_facts():
     pytest.importorskip("prefect")
     from prefect.cache_policies import NO_CACHE
 
-    from lora_prep.tasks.load_plan import plan_for_repo
-    from lora_prep.tasks.plan import plan_prepare, plan_task
+    from lora_prep.tasks.model.load_plan import plan_for_repo
+    from lora_prep.tasks.plan import plan, plan_prepare
 
-    assert plan_task.name == "plan" and plan_task.cache_policy == NO_CACHE and plan_task.retries == 0
-    assert plan_task.fn is plan_prepare
+    assert plan.name == "plan" and plan.cache_policy == NO_CACHE and plan.retries == 0
+    assert plan.fn is plan_prepare
     repo = SimpleNamespace(
         repo_id="o/llama", commit_sha=SHA, config=LLAMA_CONFIG, param_count=1000, stored_dtypes={"BF16": 1000},
         weight_bytes=2000, source="hub", code_digest=None,

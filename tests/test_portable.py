@@ -19,8 +19,13 @@ import pytest
 import torch
 
 from lora_prep.tasks.errors import IntegrityError
-from lora_prep.tasks.manifest import read_manifest
-from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings
+from lora_prep.tasks.records.manifest import read_manifest
+from lora_prep.tasks.settings import (
+    LoadSettings,
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+)
 
 IDS = [[1, 7, 42, 99, 3, 250]]
 # init_lora_weights=False: both LoRA matrices random, so a lost adapter would show in the logits.
@@ -45,10 +50,10 @@ print(json.dumps(out))
 
 def _prepare(repo_id: str, revision: str, cache: Path, out: Path) -> str:
     from lora_prep.tasks.build import build_adapter_ready
-    from lora_prep.tasks.download import download_snapshot
-    from lora_prep.tasks.hardware import probe_hardware
+    from lora_prep.tasks.hub.repo import resolve_repo
+    from lora_prep.tasks.hub.snapshot import download_snapshot
+    from lora_prep.tasks.machine.hardware import probe_hardware
     from lora_prep.tasks.plan import plan_prepare
-    from lora_prep.tasks.resolve import resolve_repo
 
     source, load, output = SourceSettings(cache_dir=str(cache)), LoadSettings(), OutputSettings(output_dir=str(out))
     facts = resolve_repo(repo_id, revision, source)
@@ -63,7 +68,7 @@ def _texts(artifact: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_plain_peft_on_a_fresh_cache_gives_the_logits_of_load_adapter_ready(hub, hf_cache, tmp_path):
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     cases, expected = [], {}
     for repo_id, revision in (("tiny/llama", "main"), ("tiny/qwen3-moe", "main"), ("tiny/llama", "v1")):
@@ -93,7 +98,7 @@ def test_plain_peft_on_a_fresh_cache_gives_the_logits_of_load_adapter_ready(hub,
 
 
 def test_a_local_directory_prepares_end_to_end_and_a_changed_file_is_refused_at_load_back(prefect_harness, hub, tmp_path):
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
     from tests.model_factory import build_model_dir
 
     model_dir = build_model_dir("llama", tmp_path / "shared-volume" / "tiny-llama", seed=11)

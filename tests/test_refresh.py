@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from lora_prep.tasks.settings import LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.settings import (
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+    TrackingSettings,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -76,16 +81,16 @@ def test_force_prepares_an_unchanged_commit_again(bed):
 def test_a_failed_run_at_the_same_commit_does_not_count_as_prepared(bed):
     from mlflow.tracking import MlflowClient
 
-    from lora_prep.flows.refresh import find_prepared_run
-    from lora_prep.tasks.resolve import resolve_repo
+    from lora_prep.tasks.hub.repo import resolve_repo
+    from lora_prep.tasks.tracking.runs import preparation_of_commit, preparation_tags
 
     tracking = TrackingSettings(tracking_uri=bed["settings"]["tracking"].tracking_uri, experiment="refresh-failed")
     sha = resolve_repo(REPO, "main", bed["settings"]["source"]).commit_sha
     client = MlflowClient(tracking.tracking_uri)
     experiment_id = client.create_experiment("refresh-failed", artifact_location=(bed["root"] / "failed-artifacts").as_uri())
-    run = client.create_run(experiment_id)
+    run = client.create_run(experiment_id, tags=preparation_tags(REPO))  # a preparation of this model in all but its status
     client.log_param(run.info.run_id, "model_id", REPO)
     client.log_param(run.info.run_id, "commit_sha", sha)
     client.set_terminated(run.info.run_id, "FAILED")
 
-    assert find_prepared_run(tracking, REPO, sha) is None
+    assert preparation_of_commit(tracking, REPO, sha) is None

@@ -16,7 +16,12 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
-from huggingface_hub import HfApi, get_safetensors_metadata, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    HfApi,
+    get_safetensors_metadata,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,

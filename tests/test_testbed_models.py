@@ -14,8 +14,8 @@ from tests.hubserver import HubServer
 from tests.model_factory import (
     ARCHS,
     BOS_ID,
-    EXTRA_REPOS,
     EOS_ID,
+    EXTRA_REPOS,
     REMOTE_CODE_MARKER_ENV,
     VOCAB_SIZE,
     TestRepo,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_prep.tasks.mlflow_store import resolve_tracking_uri
 from lora_prep.tasks.settings import TrackingSettings
-from lora_prep.tasks.tracking import log_artifact_run
+from lora_prep.tasks.tracking.artifacts import log_artifact_run
+from lora_prep.tasks.tracking.store import resolve_tracking_uri
 from tests.manifests import sample_artifact
 
 

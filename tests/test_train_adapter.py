@@ -7,13 +7,17 @@ outcome; the trigger path (train the artifact of a finished prepare run) runs on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from lora_prep.tasks.manifest import read_manifest
-from lora_prep.tasks.settings import LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.records.manifest import read_manifest
+from lora_prep.tasks.settings import (
+    LoraSettings,
+    OutputSettings,
+    SourceSettings,
+    TrackingSettings,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -35,7 +39,8 @@ def bed(tmp_path_factory, hub, prefect_harness):
 @pytest.fixture(scope="module")
 def trained(bed):
     """train_adapter with prepare=subflow on tiny/llama; returns the flow's result."""
-    from lora_prep.flows.train_adapter import TrainSettings, train_adapter
+    from lora_prep.flows.train_adapter import train_adapter
+    from lora_prep.tasks.settings import TrainSettings
 
     return train_adapter(model_id="tiny/llama", prepare="subflow", train=TrainSettings(steps=STEPS, lr=1e-2), **bed)
 
@@ -84,8 +89,14 @@ def test_the_new_artifact_records_its_parent_and_the_training(trained, bed):
 
 
 def test_the_trained_artifact_loads_back_with_the_trained_adapter_and_the_same_base(trained, bed):
-    from lora_prep.tasks.train import TrainSettings, batches, eval_loss, is_adapter_param, weights_sha256
-    from lora_prep.tasks.artifact_load import load_adapter_ready
+    from lora_prep.tasks.artifact.load_back import load_adapter_ready
+    from lora_prep.tasks.settings import TrainSettings
+    from lora_prep.tasks.train import (
+        batches,
+        eval_loss,
+        is_adapter_param,
+        weights_sha256,
+    )
 
     ready = load_adapter_ready(trained.artifact_dir, source=bed["source"])
     named = list(ready.model.named_parameters())
@@ -114,7 +125,8 @@ def test_the_training_is_a_child_mlflow_run_of_the_prepare_run_with_the_loss_his
 def test_the_trigger_path_trains_the_artifact_of_a_finished_prepare_run_found_through_mlflow(bed):
     """What the event trigger does: only the prepare flow run id (as `{{ event.resource.id }}` renders it) is passed."""
     from lora_prep.flows.prepare_model import prepare_model
-    from lora_prep.flows.train_adapter import TrainSettings, train_adapter
+    from lora_prep.flows.train_adapter import train_adapter
+    from lora_prep.tasks.settings import TrainSettings
 
     prepare_state = prepare_model(model_id="tiny/gpt2", return_state=True, **bed)
     prepared = prepare_state.result()

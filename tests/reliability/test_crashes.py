@@ -42,7 +42,7 @@ def _wait(predicate, what: str, timeout: float = 120, process: subprocess.Popen 
 def _runs(uri: str):
     """The store's runs, read through lora-prep's client: a new SQLite store is being created by the CLI
     meanwhile, and only lora-prep's init lock keeps a second process out of its migration."""
-    from lora_prep.tasks.mlflow_store import client as mlflow_client
+    from lora_prep.tasks.tracking.store import client as mlflow_client
 
     client = mlflow_client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -98,7 +98,7 @@ def test_a_preparation_killed_mid_artifact_write_leaves_only_a_partial_dir_that_
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from lora_prep.tasks.artifact import write_artifact
+        from lora_prep.tasks.artifact.write import write_artifact
 
         def fill(tmp):
             (tmp / "adapter").mkdir()

@@ -28,8 +28,8 @@ def jail(tmp_path, hf_cache):
 
 
 def _download(repo_id: str, cache: Path):
-    from lora_prep.tasks.download import download_snapshot
-    from lora_prep.tasks.resolve import resolve_repo
+    from lora_prep.tasks.hub.repo import resolve_repo
+    from lora_prep.tasks.hub.snapshot import download_snapshot
 
     source = SourceSettings(cache_dir=str(cache))
     return download_snapshot(resolve_repo(repo_id, "main", source), source)
@@ -46,8 +46,8 @@ def test_a_path_as_etag_is_refused_before_huggingface_hub_writes_a_blob(hub, jai
 def test_a_path_as_the_commit_of_a_404_is_refused_before_huggingface_hub_writes_no_exist_markers(hub, jail):
     from huggingface_hub import hf_hub_download
 
-    from lora_prep.tasks.hf_cache import guarded_hub
-    from lora_prep.tasks.library_errors import hub_errors
+    from lora_prep.tasks.hub.cache import guarded_hub
+    from lora_prep.tasks.hub.errors import hub_errors
 
     hub.override_headers("*/tiny/gpt2/resolve/*/no-such-file.txt", {"X-Repo-Commit": "../../../x"})
     with pytest.raises(BadRepo), guarded_hub(), hub_errors("tiny/gpt2", "main"):
@@ -55,7 +55,7 @@ def test_a_path_as_the_commit_of_a_404_is_refused_before_huggingface_hub_writes_
 
 
 def test_a_commit_sha_from_the_server_must_be_40_hex_before_it_names_a_snapshot_folder():
-    from lora_prep.tasks.hf_cache import check_commit
+    from lora_prep.tasks.hub.cache import check_commit
 
     for bad in ("../../../x", "A" * 40, "a" * 39, "a" * 40 + "/", ""):
         with pytest.raises(BadRepo):
@@ -65,7 +65,7 @@ def test_a_commit_sha_from_the_server_must_be_40_hex_before_it_names_a_snapshot_
 
 def test_a_revision_that_is_a_path_never_becomes_a_ref_file(hub, jail):
     from lora_prep.tasks.errors import InvalidInput
-    from lora_prep.tasks.hf_cache import record_ref
+    from lora_prep.tasks.hub.cache import record_ref
 
     with pytest.raises(InvalidInput):
         record_ref(str(jail), "tiny/llama", "../../../x", "a" * 40)
@@ -83,7 +83,7 @@ def test_a_file_literally_named_star_dot_model_is_fetched_alone_not_as_a_pattern
 def test_the_guard_is_only_on_while_lora_prep_calls_the_hub(hub, hf_cache):
     from huggingface_hub.utils import get_session
 
-    from lora_prep.tasks.hf_cache import _guard_hook
+    from lora_prep.tasks.hub.cache import _guard_hook
 
     _download("tiny/gpt2", hf_cache)
     assert _guard_hook not in get_session().event_hooks["response"]

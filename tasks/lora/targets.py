@@ -1,0 +1,246 @@
+"""Which modules and parameters get LoRA: resolved on the model's skeleton at plan time, before any weight.
+
+``skeleton(facts)`` instantiates the architecture from its config with empty (meta) weights:
+the same module names and types as the real model, in milliseconds, no bytes downloaded.
+``resolve_targets(model, lora)`` works on that skeleton or on the loaded model alike:
+
+    all-linear   PEFT's own all-linear resolution (nn.Linear / Conv1D, never the output head)
+                 plus every fused expert parameter (transformers 5 stores routed experts as 3-D
+                 nn.Parameters, reached with PEFT's ``target_parameters``), minus the routers
+    attention    the linear layers whose nearest enclosing block is an attention block
+    mlp          ... an MLP / MoE block (dense MLPs, shared experts), plus the fused experts
+    experts      the experts only: fused expert parameters and linear layers inside experts modules
+    [names]      PEFT's list semantics (exact or dotted suffix) over modules AND expert parameters;
+                 a router or any module named explicitly is targeted, or refused with PEFT's reason
+    "regex"      ``re.fullmatch`` against full module and parameter names
+
+Left out of presets, each with its reason in ``TargetPlan.excluded``: routers (a MoE block's
+``gate``/``router``: LoRA on a router changes which experts run, and some routers are Linear
+subclasses returning tuples, which LoRA breaks), and whatever PEFT refuses for the architecture
+(e.g. ``out_proj`` and ``conv1d`` of Mamba models), with PEFT's own message.
+
+Finally the whole LoraConfig is applied to the skeleton with PEFT (``low_cpu_mem_usage``: the
+adapter is meta too), so every refusal PEFT would raise at build time is raised here, and the
+trainable-parameter count is exact before the download.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from typing import Any
+
+from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
+from lora_prep.tasks.lora.config import config_for, lora_config, out_of_peft_conversion
+from lora_prep.tasks.model.anatomy import (
+    all_linear,
+    block_kind,
+    expert_parameters,
+    matching,
+    peft_refusal,
+    routers,
+    search,
+    tied,
+    under,
+    wrappable,
+)
+from lora_prep.tasks.records.plan import TargetPlan
+from lora_prep.tasks.settings import DEFAULT_DROPOUT, PRESETS, LoraSettings
+
+_NAMES_SHOWN = 12  # targetable names listed in an error, to keep it one readable line
+
+
+# --- resolution ---------------------------------------------------------------------------------
+
+
+def _matches_entry(name: str, entry: str) -> bool:
+    # PEFT's list semantics (check_target_module_exists): exact or dotted suffix.
+    return name == entry or name.endswith("." + entry)
+
+
+def _suffixes(names: list[str]) -> list[str]:
+    out: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        out.update({parts[-1], ".".join(parts[-2:]), name})
+    return sorted(out)
+
+
+def _unknown(field: str, entry: str, candidates: list[str], kind: str) -> str:
+    close = difflib.get_close_matches(entry, candidates, n=3, cutoff=0.5)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    return f"{field} {kind} {entry!r} matches no module or expert parameter{hint}"
+
+
+def _short(names: list[str]) -> str:
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    more = f" and {len(short) - _NAMES_SHOWN} more" if len(short) > _NAMES_SHOWN else ""
+    return ", ".join(short[:_NAMES_SHOWN]) + more
+
+
+def _preset(model, spec: str, experts: list[str], router_names: list[str], excluded: dict[str, str]) -> tuple[list[str], list[str]]:
+    linear = all_linear(model)
+    for name in linear:
+        if under(name, router_names):
+            excluded[name] = "router of a mixture-of-experts block: left out of presets (name it to target it)"
+    linear = [n for n in linear if not under(n, router_names)]
+    if spec == "attention":
+        return [n for n in linear if block_kind(model, n) == "attention"], []
+    if spec == "mlp":
+        return [n for n in linear if block_kind(model, n) == "mlp"], experts
+    if spec == "experts":
+        return [n for n in linear if any("expert" in part for part in n.split(".")[:-1])], experts
+    return linear, experts  # all-linear
+
+
+def _explicit(model, spec, wrappable: list[str], experts: list[str], problems: list[str]) -> tuple[list[str], list[str]]:
+    params = [f"{n}.{p}" for n, m in model.named_modules() if n for p, t in m.named_parameters(recurse=False) if t.ndim >= 2]
+    if isinstance(spec, list):
+        modules, parameters = set(), set()
+        for entry in spec:
+            hit_m = {n for n in wrappable if _matches_entry(n, entry)}
+            hit_p = {p for p in experts if _matches_entry(p, entry)}
+            if not hit_m and not hit_p:
+                # A non-Linear module named explicitly (a router holding a 2-D weight): its weight as a parameter target.
+                hit_p = {p for p in params if p.endswith(".weight") and _matches_entry(p.rsplit(".", 1)[0], entry)}
+            if not (hit_m or hit_p):
+                if entry in PRESETS:
+                    problems.append(f"target_modules entry {entry!r} is a preset, not a module name (pass it as a plain string)")
+                else:
+                    problems.append(_unknown("target_modules", entry, [*_suffixes(wrappable), *_suffixes(experts), *PRESETS], "entry"))
+            modules |= hit_m
+            parameters |= hit_p
+        return [n for n in wrappable if n in modules], [p for p in params if p in parameters]
+    modules = [n for n in wrappable if re.fullmatch(spec, n)]
+    parameters = [p for p in experts if re.fullmatch(spec, p)]
+    if not modules and not parameters:
+        problems.append(_unknown("target_modules", spec, _suffixes(wrappable), "regex")
+                        + " (a string is a regex matched against full names such as 'model.layers.0.self_attn.q_proj')")
+    return modules, parameters
+
+
+def _check_other_names(model, lora: LoraSettings, targets: list[str], wrappable: list[str], problems: list[str]) -> None:
+    """exclude_modules, modules_to_save and the rank/alpha patterns must each match something."""
+    all_names = [n for n, _ in model.named_modules() if n]
+    for entry in lora.exclude_modules or []:
+        if not any(_matches_entry(n, entry) for n in wrappable):
+            problems.append(_unknown("exclude_modules", entry, _suffixes(wrappable), "entry"))
+    for entry in lora.modules_to_save or []:
+        # PEFT's modules_to_save rule (check_target_module_exists): dotted components anywhere.
+        if not any(search(rf"(^|.*\.){entry}($|\..*)", n) for n in all_names):
+            problems.append(_unknown("modules_to_save", entry, _suffixes(all_names), "entry"))
+    for field, pattern in (("rank_pattern", lora.rank_pattern), ("alpha_pattern", lora.alpha_pattern)):
+        for key in pattern or {}:
+            # PEFT's get_pattern_key rule: the key is a regex for a dotted suffix of a target name.
+            if not any(search(rf"(.*\.)?({key})$", t) for t in targets):
+                problems.append(_unknown(field, key, _suffixes(targets), "key") + " among the targets")
+
+
+def _dropout(lora: LoraSettings, parameters: list[str]) -> tuple[float, str]:
+    if not parameters:
+        if lora.dropout is None:
+            return DEFAULT_DROPOUT, f"{DEFAULT_DROPOUT}: the default"
+        return lora.dropout, f"{lora.dropout}: set by lora.dropout"
+    leaves = ", ".join(sorted({p.rsplit(".", 1)[-1] if p.count(".") and not p.endswith(".weight") else p.split(".")[-2] for p in parameters}))
+    if lora.dropout is None:
+        return 0.0, (f"0: the targets include {len(parameters)} parameters LoRA wraps directly (fused expert parameters and "
+                     f"the like: {leaves}), and PEFT cannot apply dropout to those (lora.ParamWrapper needs lora_dropout=0); "
+                     f"the default {DEFAULT_DROPOUT} applies to models without them")
+    if lora.dropout:
+        raise InvalidInput(
+            f"lora.dropout={lora.dropout} cannot be used: the targets include {len(parameters)} fused expert parameters "
+            f"or parameters wrapped directly ({leaves}) and PEFT cannot apply dropout to them: "
+            "leave lora.dropout unset (0 for this model) or set 0, or leave the experts out (target_modules=attention)."
+        )
+    return 0.0, "0: set by lora.dropout"
+
+
+def resolve_targets(model, lora: LoraSettings) -> TargetPlan:
+    """The modules and parameters that get LoRA, checked with PEFT on ``model`` (a skeleton or the real one).
+
+    Raises UnknownTargetModule listing every name that matches nothing (with the closest real
+    names), InvalidInput for what PEFT refuses, for settings the targets cannot take, or when
+    exclusions leave nothing.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    candidates = wrappable(model)
+    experts = expert_parameters(model)
+    router_names = routers(model)
+    problems: list[str] = []
+    excluded: dict[str, str] = {}
+    spec = lora.target_modules
+    if isinstance(spec, str) and spec in PRESETS:
+        modules, parameters = _preset(model, spec, experts, router_names, excluded)
+        for name in list(modules):
+            refusal = peft_refusal(model, name.rsplit(".", 1)[-1])
+            if refusal:
+                excluded[name] = f"PEFT refuses it for this architecture: {refusal}"
+                modules.remove(name)
+        if not modules and not parameters:
+            what = "no experts" if spec == "experts" else f"no {spec} layers LoRA can wrap"
+            problems.append(f"target_modules preset {spec!r} matches nothing: {type(model).__name__} has {what}")
+    else:
+        modules, parameters = _explicit(model, spec, candidates, experts, problems)
+        for name in modules:
+            refusal = peft_refusal(model, name.rsplit(".", 1)[-1])
+            if refusal:
+                problems.append(f"target_modules names {name.rsplit('.', 1)[-1]!r}, which PEFT refuses for {type(model).__name__}: {refusal}")
+    _check_other_names(model, lora, modules, candidates, problems)
+    if problems:
+        raise UnknownTargetModule(
+            f"{'; '.join(problems)}; modules LoRA can wrap in {type(model).__name__}: {_short(candidates)}"
+            + (f"; expert parameters: {_short(experts)}" if experts else "")
+            + "; fix the names, or use a preset (all-linear, attention, mlp" + (", experts" if experts else "") + ").",
+            model=type(model).__name__,
+        )
+    modules, parameters = out_of_peft_conversion(model, lora, modules, parameters)
+    dropout, dropout_reason = _dropout(lora, parameters)
+    named = dict(model.named_modules())
+    fan_in_fan_out = any(isinstance(named[m], Conv1D) for m in modules)
+    # Apply exclude_modules and modules_to_save with PEFT's own check (falsy for excluded names).
+    probe = lora_config(lora, modules, [], dropout=dropout, fan_in_fan_out=False)
+    modules = [n for n in modules if check_target_module_exists(probe, n)]
+    if not modules and not parameters:
+        raise InvalidInput(
+            f"target_modules {lora.target_modules!r} minus exclude_modules {lora.exclude_modules} and "
+            f"modules_to_save {lora.modules_to_save} leaves nothing to train; exclude fewer modules.",
+            model=type(model).__name__,
+        )
+    tie = bool(tied(model, modules + list(matching(model, lora.modules_to_save or []))))
+    return TargetPlan(
+        target_modules=modules, target_parameters=parameters, excluded=excluded, dropout=dropout, dropout_reason=dropout_reason,
+        fan_in_fan_out=fan_in_fan_out, ensure_weight_tying=tie,
+    )
+
+
+def plan_targets(model, lora: LoraSettings) -> TargetPlan:
+    """resolve_targets, then PEFT applied to the skeleton: its refusals now, and the exact parameter counts."""
+    from peft import get_peft_model
+
+    targets = resolve_targets(model, lora)
+    config = config_for(lora, targets)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = get_peft_model(model, config, low_cpu_mem_usage=True)
+    except ValueError as exc:  # PEFT checks some settings only against real layers (DoRA support, ParamWrapper limits)
+        raise InvalidInput(
+            f"PEFT cannot apply these LoRA settings to {type(model).__name__}: {' '.join(str(exc).split())}; change the setting named there."
+        ) from None
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    return targets.model_copy(update={"trainable_params": int(trainable), "total_params": int(total)})
+
+
+def describe(targets: TargetPlan) -> dict[str, Any]:
+    """Counts and leaf names, for the plan report, the manifest summary and MLflow params."""
+    return {
+        "modules": len(targets.target_modules),
+        "module_leaves": sorted({t.rsplit(".", 1)[-1] for t in targets.target_modules}),
+        "expert_parameters": len(targets.target_parameters),
+        "expert_parameter_leaves": targets.expert_parameter_leaves,
+        "excluded": len(targets.excluded),
+        "trainable_params": targets.trainable_params,
+    }

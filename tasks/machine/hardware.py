@@ -1,0 +1,201 @@
+"""Probe the machine once: a frozen, JSON-serializable HardwareProfile.
+
+``probe_hardware`` is the only function in lora-prep that asks torch.cuda or
+torch.mps; every decision downstream (``tasks/model/load_plan.py``) reads the profile
+instead, so plans can be tested on any machine with a synthetic profile. A
+CPU-only profile is a normal result, not an error.
+
+The probe must run on the machine that will load the model (the flow runs all
+its tasks in one process, so it does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import psutil
+
+from lora_prep.tasks.common.units import format_bytes
+from lora_prep.tasks.records.machine import CudaDevice, HardwareProfile, PackageCheck
+
+# --- the probe (side effects) ------------------------------------------------
+
+
+def default_cache_dir() -> str:
+    """The hub cache huggingface_hub uses (tasks/hub/env.py: its own constants)."""
+    from lora_prep.tasks.hub.env import cache_dir_for
+
+    return cache_dir_for()
+
+
+def _disk_free(path: str) -> int:
+    # The cache may not exist yet on a fresh machine: measure where it will be created.
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _cgroup_memory() -> tuple[int | None, int | None]:
+    """(limit, usage) in bytes of this container's memory cgroup, or (None, None) when unlimited or unknown.
+
+    psutil reports the host's RAM; inside a container the cgroup limit is what an
+    allocation actually hits.
+    """
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        # v2 writes "max"; v1 writes a huge number (2**63 rounded to pages) for "no limit".
+        if limit_text == "max" or int(limit_text) >= 2**60:
+            return None, None
+        return int(limit_text), usage
+    return None, None
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _cpu_bf16_native() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):  # x86 "flags", Arm "Features"
+            words = set(value.split())
+            return bool(words & {"amx_bf16", "avx512_bf16", "bf16"})
+    return False
+
+
+def check_package(module: str, distribution: str) -> PackageCheck:
+    """Installed? importable? Never raises: a missing or broken optional package is a result."""
+    if importlib.util.find_spec(module) is None:
+        return PackageCheck()
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # broken CUDA builds raise ImportError, OSError, RuntimeError...
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return PackageCheck(installed=True, version=version, error=f"{type(exc).__name__}: {first_line}"[:300])
+    return PackageCheck(installed=True, importable=True, version=version)
+
+
+def _cuda_devices(torch) -> list[CudaDevice]:
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        devices.append(
+            CudaDevice(
+                index=index,
+                name=props.name,
+                capability=f"{props.major}.{props.minor}",
+                total_memory_bytes=int(total),
+                free_memory_bytes=int(free),
+                bf16=props.major >= 8,  # Ampere and later; earlier cards emulate bf16 slowly or not at all
+            )
+        )
+    return devices
+
+
+def _accelerate_max_memory() -> dict[str, int]:
+    try:
+        from accelerate.utils import get_max_memory
+
+        return {str(k): int(v) for k, v in get_max_memory().items()}
+    except Exception:  # accelerate absent or a device query failed: the profile still stands
+        return {}
+
+
+def probe_hardware(cache_dir: str | None = None) -> HardwareProfile:
+    """Measure this machine now. Imports torch; reads CUDA/MPS state; never raises for a missing device."""
+    import torch
+
+    cache_dir = cache_dir or default_cache_dir()
+    vm = psutil.virtual_memory()
+    ram_total, ram_available = int(vm.total), int(vm.available)
+    limit, usage = _cgroup_memory()
+    if limit is not None:
+        ram_total = min(ram_total, limit)
+        ram_available = max(0, min(ram_available, limit - (usage or 0)))
+
+    cuda_available = bool(torch.cuda.is_available())
+    mps_backend = getattr(torch.backends, "mps", None)
+    return HardwareProfile(
+        cpu_count=_cpu_count(),
+        cpu_bf16_native=_cpu_bf16_native(),
+        ram_total_bytes=ram_total,
+        ram_available_bytes=ram_available,
+        disk_free_bytes=_disk_free(cache_dir),
+        cache_dir=str(cache_dir),
+        torch_version=torch.__version__,
+        cuda_available=cuda_available,
+        cuda_devices=_cuda_devices(torch) if cuda_available else [],
+        mps_available=bool(mps_backend and mps_backend.is_available()),
+        flash_attn=check_package("flash_attn", "flash-attn"),
+        bitsandbytes=check_package("bitsandbytes", "bitsandbytes"),
+        accelerate_max_memory=_accelerate_max_memory(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+    )
+
+
+# --- the human view (`lora-prep probe`) --------------------------------------
+
+
+def _package_line(check: PackageCheck) -> str:
+    if not check.installed:
+        return "not installed"
+    version = check.version or "unknown version"
+    return f"{version}, importable" if check.importable else f"{version}, NOT importable ({check.error})"
+
+
+def format_profile(profile: HardwareProfile) -> str:
+    rows = [
+        ("platform", f"{profile.platform} (Python {profile.python}, torch {profile.torch_version or 'not installed'})"),
+        ("CPU", f"{profile.cpu_count} cores, bf16 instructions: {'yes' if profile.cpu_bf16_native else 'no'}"),
+        ("RAM", f"{format_bytes(profile.ram_available_bytes)} available of {format_bytes(profile.ram_total_bytes)}"),
+        ("disk", f"{format_bytes(profile.disk_free_bytes)} free at {profile.cache_dir}"),
+        ("CUDA", f"{len(profile.cuda_devices)} device(s)" if profile.cuda_available else "not available"),
+        ("MPS", "available" if profile.mps_available else "not available"),
+        ("flash-attn", _package_line(profile.flash_attn)),
+        ("bitsandbytes", _package_line(profile.bitsandbytes)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["Hardware profile"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    if profile.cuda_devices:
+        header = ("GPU", "name", "capability", "bf16", "free", "total")
+        table = [header] + [
+            (
+                f"cuda:{d.index}",
+                d.name,
+                d.capability,
+                "yes" if d.bf16 else "no",
+                format_bytes(d.free_memory_bytes),
+                format_bytes(d.total_memory_bytes),
+            )
+            for d in profile.cuda_devices
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines.append("")
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Plan how to load a model on this machine, before any weight is downloaded.
+
+``plan_load(profile, facts, settings, requested_revision) -> LoadPlan`` is
+pure: it reads a HardwareProfile (tasks/machine/hardware.py) and ModelFacts (config
+and safetensors headers) and returns every decision with a one-line reason, or
+raises one typed error listing every problem at once. It never imports torch,
+so it is tested on any machine with synthetic profiles.
+
+ModelFacts (tasks/model/facts.py) is what it knows about the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_prep.tasks.common.units import format_bytes
+from lora_prep.tasks.common.units import parse_size as _parse_size
+from lora_prep.tasks.errors import DoesNotFit, InvalidInput
+from lora_prep.tasks.model.facts import ModelFacts
+from lora_prep.tasks.model.rules import (
+    MARGIN_FIXED_BYTES,
+    MARGIN_FRACTION,
+    _budgets,
+    _choose_attn,
+    _choose_dtype,
+    _choose_quantization,
+    _device_key,
+    _gpu_name,
+    _Problems,
+    _remote_code,
+    _resolve_target,
+    overhead_bytes,
+    weights_bytes,
+)
+from lora_prep.tasks.records.machine import HardwareProfile
+from lora_prep.tasks.records.plan import LoadPlan
+from lora_prep.tasks.settings import LoadSettings
+
+
+def parse_size(text: str | int) -> int:
+    """'20GiB' -> bytes (tasks/common/units.py), as an InvalidInput naming the value."""
+    try:
+        return _parse_size(text)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+# --- the plan ------------------------------------------------------------------
+
+
+def _fit_failure(facts, dtype, quant, where, need, weights, overhead, available, options) -> str:
+    return (
+        f"{facts.repo_id} needs {format_bytes(need)} ({format_bytes(weights)} of {quant if quant != 'none' else dtype} weights "
+        f"+ {format_bytes(overhead)} margin) but {where} {'together have' if ',' in where else 'has'} "
+        f"{format_bytes(available)} available: try "
+        + "; ".join(options)
+    )
+
+
+def _fit_options(profile, facts, target, dtype, quant, budgets, max_memory, used: list[str]) -> list[str]:
+    """What would make it fit. Cheaper dtypes/quantization on this placement are offered only when they fit."""
+    options = []
+    available = sum(budgets[k] for k in used)
+
+    def need(d: str, q: str = "none") -> int:
+        w = weights_bytes(facts, d, q)
+        return w + overhead_bytes(w, len(used))
+
+    has_cuda = profile.cuda_available and bool(profile.cuda_devices)
+    no_bf16 = any(not d.bf16 for d in profile.cuda_devices if d.index in target.gpus)
+    half = "float16" if target.kind == "mps" or no_bf16 else "bfloat16"
+    if quant == "none" and dtype == "float32" and need(half) <= available:
+        options.append(f"dtype={half} ({format_bytes(need(half))})")
+    if quant != "4bit":
+        compute = half if dtype == "float32" else dtype
+        if not has_cuda:
+            options.append(f"quantization=4bit on a CUDA machine ({format_bytes(need(compute, '4bit'))})")
+        elif target.kind in ("cuda", "map") and need(compute, "4bit") <= available:
+            extra = "" if profile.bitsandbytes.importable else "; install the gpu extra: pip install 'lora-prep[gpu]'"
+            options.append(f"quantization=4bit ({format_bytes(need(compute, '4bit'))}{extra})")
+    n = len(profile.cuda_devices)
+    if target.kind == "cuda" and target.explicit and n > 1:
+        total = sum(budgets[str(d.index)] for d in profile.cuda_devices)
+        options.append(f"device_map=auto across all {n} GPUs ({format_bytes(total)} available)")
+    capped = [k for k in used if k in max_memory]
+    if capped:
+        options.append("raise load.max_memory for " + ", ".join(capped))
+    options.append("or a machine with more memory")
+    return options
+
+
+def _place(profile, settings, target, weights, budgets, max_memory):
+    """(budget keys used, device_map, target_device, max_memory for accelerate, reason)."""
+    if target.kind == "map":
+        used = sorted({_device_key(v) for v in settings.device_map.values()})
+        return used, settings.device_map, "auto", (max_memory or None), f"module map from load.device_map over {', '.join(used)}"
+    if target.kind in ("cpu", "mps"):
+        if target.explicit:
+            why = "set by load.device_map"
+        elif target.kind == "mps":
+            why = "Apple GPU, unified memory shared with RAM"
+        else:
+            why = "no CUDA or MPS device on this machine"
+        return [target.kind], target.kind, target.kind, None, f"{target.kind}: {why}"
+    if target.explicit:
+        i = target.gpus[0]
+        return [str(i)], f"cuda:{i}", f"cuda:{i}", None, f"{_gpu_name(profile, i)}: set by load.device_map"
+
+    def need(devices: int) -> int:
+        return weights + overhead_bytes(weights, devices)
+
+    for i in target.gpus:
+        if need(1) <= budgets[str(i)]:
+            why = f"the model fits on one GPU ({_gpu_name(profile, i)}, {format_bytes(budgets[str(i)])} available)"
+            return [str(i)], f"cuda:{i}", f"cuda:{i}", None, f"cuda:{i}: {why}"
+    for k in range(2, len(target.gpus) + 1):
+        used = [str(i) for i in target.gpus[:k]]
+        if need(k) <= sum(budgets[key] for key in used):
+            # Each GPU's weight budget leaves its share of the margin free, so accelerate cannot pack it full.
+            weight_budgets = {key: max(0, int((budgets[key] - MARGIN_FIXED_BYTES) / (1 + MARGIN_FRACTION))) for key in used}
+            why = f"no single GPU holds {format_bytes(need(1))}; fewest GPUs in index order, weight budgets in max_memory, no CPU offload"
+            return used, "auto", "auto", weight_budgets, f"auto over {', '.join('cuda:' + key for key in used)}: {why}"
+    return [str(i) for i in target.gpus], "auto", "auto", None, "none: too big for the GPUs"
+
+
+def plan_load(
+    profile: HardwareProfile,
+    facts: ModelFacts,
+    settings: LoadSettings,
+    requested_revision: str | None = None,
+    *,
+    enforce_fit: bool = True,
+) -> LoadPlan:
+    """Decide dtype, attention, placement and quantization; check the fit. Pure.
+
+    Raises InvalidInput / RemoteCodeRefused listing every settings problem at once, then DoesNotFit
+    (unless ``enforce_fit=False``, which returns the plan with ``fits=False`` for a dry run).
+    """
+    problems = _Problems()
+    reasons: dict[str, str] = {}
+    max_memory = {k: parse_size(v) for k, v in (settings.max_memory or {}).items()}
+    budgets = _budgets(profile, max_memory)
+
+    trust, reasons["trust_remote_code"] = _remote_code(facts, settings, requested_revision, problems)
+    target = _resolve_target(profile, settings, problems)
+    dtype, reasons["dtype"] = _choose_dtype(profile, facts, settings, target, budgets, problems)
+    reasons["quantization"] = _choose_quantization(profile, settings, target, problems)
+    attn, fallbacks, reasons["attn"] = _choose_attn(profile, facts, settings, target, dtype, problems)
+    reasons["gradient_checkpointing"] = (
+        "on: recompute activations in backward (about 30% more compute, far less activation memory)"
+        if settings.gradient_checkpointing
+        else "off: activations kept for backward (faster; set gradient_checkpointing for long sequences)"
+    )
+    problems.raise_if_any(repo_id=facts.repo_id, revision=requested_revision)
+
+    quant = settings.quantization
+    weights = weights_bytes(facts, dtype, quant)
+    used, device_map, target_device, plan_max_memory, reasons["placement"] = _place(
+        profile, settings, target, weights, budgets, max_memory
+    )
+    available = sum(budgets[k] for k in used)
+    overhead = overhead_bytes(weights, len(used))
+    fits = weights + overhead <= available
+    where = ", ".join(("cuda:" + k if k.isdigit() else k) for k in used)
+    if fits:
+        reasons["fit"] = (
+            f"fits: {format_bytes(weights + overhead)} ({format_bytes(weights)} weights + {format_bytes(overhead)} margin: "
+            f"10% + 512 MiB per device) of {format_bytes(available)} available on {where} (min of free memory and load.max_memory)"
+        )
+    else:
+        options = _fit_options(profile, facts, target, dtype, quant, budgets, max_memory, used)
+        message = _fit_failure(facts, dtype, quant, where, weights + overhead, weights, overhead, available, options)
+        if enforce_fit:
+            raise DoesNotFit(
+                message, repo_id=facts.repo_id, revision=requested_revision,
+                needed_bytes=weights + overhead, available_bytes=available,
+            )  # fmt: skip
+        reasons["fit"] = "does not fit: " + message
+
+    return LoadPlan(
+        dtype=dtype,
+        attn_implementation=attn,
+        attn_fallbacks=fallbacks,
+        device_map=device_map,
+        max_memory=plan_max_memory,
+        quantization=quant,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        trust_remote_code=trust,
+        target_device=target_device,
+        estimate_bytes=weights,
+        overhead_bytes=overhead,
+        available_bytes=available,
+        fits=fits,
+        reasons=reasons,
+    )
+
+
+def plan_for_repo(
+    profile: HardwareProfile, repo_facts: Any, settings: LoadSettings, requested_revision: str | None, *, enforce_fit: bool = True
+) -> LoadPlan:
+    """plan_load from tasks/resolve.py's RepoFacts."""
+    return plan_load(profile, ModelFacts.from_repo_facts(repo_facts), settings, requested_revision, enforce_fit=enforce_fit)

@@ -1,0 +1,60 @@
+"""Records of the build stage: what the load used (``LoadReport``), the check (``CheckRecord``), the artifact built."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from pydantic import Field
+
+from lora_prep.tasks.records.base import Record
+
+
+class LoadReport(Record):
+    """What the load actually used; recorded in the manifest next to the plan."""
+
+
+    dtype: str = Field(description="dtype of the loaded weights (compute dtype for 4/8-bit loads), e.g. float32.")
+    attn_implementation: str = Field(description="Attention kernel the model runs with, as transformers set it.")
+    attn_fallbacks_tried: list[str] = Field(
+        default_factory=list, description='Kernels that failed at load, in order, with the error class: "flash_attention_2: ImportError".'
+    )
+    device_map: Union[str, dict[str, Union[int, str]]] = Field(
+        description="model.hf_device_map (module -> device) when accelerate placed the model, else the device."
+    )
+    quantization: str = Field(description='"none", "4bit nf4 double-quant compute=<dtype>" or "8bit LLM.int8".')
+    pad_token: str
+    pad_token_id: int
+    pad_token_strategy: str = Field(description="Which pad token was chosen and why (docs/PADDING.md).")
+    embeddings_resized: bool = Field(
+        default=False, description="A new pad token grew the embeddings: the adapter must save them (modules_to_save) to be reloadable."
+    )
+    gradient_checkpointing: bool
+    trust_remote_code: bool
+    kbit_prepared: bool = Field(description="peft.prepare_model_for_kbit_training ran (4/8-bit loads).")
+    seconds: float = Field(description="Wall time of tokenizer + model load and training preparation.")
+
+
+class CheckRecord(Record):
+    """The wrapped model was run before the artifact was written."""
+
+    forward: bool
+    backward: bool
+    tokens: int
+    layers: int = Field(default=0, description="Decoder layers the pass ran: one of each kind (or all of them).")
+    layers_total: int = Field(default=0, description="Decoder layers the model has.")
+    loss: float | None = None
+    seconds: float
+
+
+class BuiltArtifact(Record):
+
+    artifact_dir: str
+    total_params: int
+    trainable_params: int
+    target_modules: list[str]
+    target_parameters: list[str]
+    adapter_bytes: int
+    content_digest: str
+    check: CheckRecord
+    peak_rss_bytes: int
+    seconds: float

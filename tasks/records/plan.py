@@ -1,0 +1,100 @@
+"""Records of the plan stage: how the model will load (``LoadPlan``), what gets LoRA (``TargetPlan``), both
+together with the artifact's place (``Plan``), and the dry run's report (``PlanReport``)."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import Field
+
+from lora_prep.tasks.records.base import Record
+from lora_prep.tasks.settings import LoraSettings
+
+PlanDtype = Literal["bfloat16", "float16", "float32"]
+
+
+class LoadPlan(Record):
+    """How tasks/model/load.py loads the model, with the reason for each choice. JSON in, JSON out."""
+
+    dtype: PlanDtype
+    attn_implementation: Literal["flash_attention_2", "sdpa", "eager"]
+    attn_fallbacks: list[str] = Field(
+        default_factory=list, description="Try these in order if the planned attention fails at load; empty when chosen explicitly."
+    )
+    device_map: Union[str, dict[str, Union[int, str]]] = Field(description='"cpu", "mps", "cuda:N", "auto" or a module map.')
+    max_memory: dict[str, int] | None = Field(default=None, description="Bytes per device for accelerate; GPU keys are indices as strings.")
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    target_device: str = Field(description='"cpu", "cuda:N", "auto" (several devices) or "mps".')
+    estimate_bytes: int = Field(description="Weights in the planned dtype / quantization.")
+    overhead_bytes: int = Field(description="Margin: 10% of the weights + 512 MiB per device.")
+    available_bytes: int = Field(description="Memory the placement may use: min(free, load.max_memory) summed over devices.")
+    fits: bool
+    reasons: dict[str, str] = Field(description="One line per decision: dtype, attn, placement, quantization, fit, ...")
+
+
+class TargetPlan(Record):
+    """What will get LoRA, decided before the download; the build stage applies exactly this."""
+
+
+    target_modules: list[str] = Field(description="Full names of the modules that get a LoRA layer, in model order.")
+    target_parameters: list[str] = Field(default_factory=list, description="Full names of parameters LoRA wraps directly (fused experts), via PEFT target_parameters.")
+    excluded: dict[str, str] = Field(default_factory=dict, description="Candidates a preset left out (routers, modules PEFT refuses for this architecture), with the reason.")
+    dropout: float = Field(description="The LoRA dropout applied.")
+    dropout_reason: str
+    fan_in_fan_out: bool = Field(default=False, description="GPT-2 style Conv1D targets (weights stored in x out).")
+    ensure_weight_tying: bool = Field(default=False, description="A tied head/embedding is targeted or saved: kept tied.")
+    trainable_params: int | None = Field(default=None, description="Counted on the wrapped skeleton (None when it could not be built).")
+    total_params: int | None = None
+
+    @property
+    def module_leaves(self) -> list[str]:
+        """Short names of the module targets (q_proj, down_proj, ...), the way every summary shows them."""
+        return sorted({m.rsplit(".", 1)[-1] for m in self.target_modules})
+
+    @property
+    def expert_parameter_leaves(self) -> list[str]:
+        """Short names of the parameter targets: gate_up_proj for a fused expert, mlp.gate_proj.weight for a module's weight."""
+        return sorted({".".join(p.split(".")[-3:]) if p.endswith(".weight") else p.rsplit(".", 1)[-1] for p in self.target_parameters})
+
+
+class Plan(Record):
+    """The plan stage's result: small JSON, read by build, the manifest and `lora-prep plan`."""
+
+
+    load: LoadPlan
+    targets: TargetPlan
+    artifact_parent: str = Field(description="Where the artifact directory will be created (checked writable).")
+
+
+class PlannedFile(Record):
+
+    path: str
+    bytes: int
+    cached: bool
+
+
+class PlanReport(Record):
+    """The dry run's record: the plan is there also when the model does not fit (fits=false, with the numbers)."""
+
+
+    repo_id: str
+    source: str
+    revision: str
+    commit_sha: str | None
+    files: list[PlannedFile]
+    bytes_total: int
+    bytes_to_download: int
+    files_cached: int
+    param_count: int | None
+    stored_dtypes: dict[str, int]
+    disk_free_bytes: int
+    lora: LoraSettings
+    plan: LoadPlan
+    targets: TargetPlan
+    artifact_parent: str
+    fits: bool
+    refusal: str | None = Field(default=None, description="Why it does not fit, with the options that would.")
+    memory_estimate_bytes: int
+    memory_available_bytes: int
