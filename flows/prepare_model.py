@@ -90,7 +90,7 @@ def prepare_model(
         with clock("probe"):
             profile = probe(source.cache_dir)
         with clock("plan"):
-            planned = plan(profile, facts, load, lora, output, revision, source)
+            planned = plan(profile, facts, load, lora, output, revision, source, tracking)
         opened = open_run.submit(tracking, facts, prefect_tags())  # in a worker thread, while the weights download
         try:
             with clock("download"):

@@ -1,9 +1,10 @@
 """`lora-prep`: prepare | plan | probe | load | log | doctor | server | serve.
 
-Exit codes (tasks/errors.py ``exit_code``): 0 success; 2 invalid input, not found, a refusal
-or a bad repo (the message says what to change); 1 any other failure. Errors are one line on
-stderr; `--debug` adds the traceback. Heavy imports (torch, transformers, prefect) happen after
-argument parsing, so `--help` and bad arguments answer at once.
+Every command's arguments are generated from settings models (``COMMANDS`` below, ``cli_options``).
+Exit codes (``tasks/errors.py`` ``exit_code``): 0 success; 2 invalid input, not found, a refusal or a
+bad repo (the message says what to change); 1 any other failure. Errors are one line on stderr;
+``--debug`` adds the traceback. Heavy imports (torch, transformers, prefect) happen after argument
+parsing, so ``--help`` and bad arguments answer at once.
 """
 
 from __future__ import annotations
@@ -14,9 +15,22 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
-from lora_prep.cli_options import UsageError, add_settings_options, settings_from_args
-from lora_prep.tasks.errors import InvalidInput, LoraPrepError
+from lora_prep.cli_options import Section, UsageError, add_arguments, settings_from_args
+from lora_prep.tasks.settings import (
+    ArtifactDirectory,
+    LoadBackSettings,
+    LoadSettings,
+    LoraSettings,
+    ModelReference,
+    OutputSettings,
+    ServerAction,
+    SourceSettings,
+    TrackingSettings,
+)
 
 EXIT_OK = 0
 # lora-prep's own bound on the Prefect client in this process (set before Prefect is imported, so
@@ -25,27 +39,29 @@ EXIT_OK = 0
 # SQLite-backed server answers 503 for a while under 8 runs at once (3 retries were not enough on a
 # loaded 2-core machine), and a dead API is ended by the watchdog (prefect_api.py) within ~25 s anyway.
 PREFECT_CLIENT_BOUND = {"PREFECT_API_REQUEST_TIMEOUT": "20"}
+# The CLI's runs send no usage data (Prefect's SDK, huggingface_hub and MLflow all honour the DO_NOT_TRACK
+# convention), so Prefect's first-run telemetry notice has nothing to announce. A value the user set wins.
+NO_TELEMETRY = {"DO_NOT_TRACK": "true"}  # "true": the one spelling all three read as yes
+Settings = dict[str, Any]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage + error
-        raise UsageError(f"{message} (see 'lora-prep {self.prog.split()[-1]} --help')")
-
-
-# --- commands -----------------------------------------------------------------
+    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage + error
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 class _OnlyWarnings(logging.Filter):
-    """Console only: of Prefect's own records keep the warnings about the run. Its INFO lines (run
-    started, "Finished in state Failed(<the error again>)") and ERROR lines (tracebacks) would repeat
-    what the CLI says in its summary or its one error line, and its client's complaints about a lost
-    API connection (prefect.events, prefect._internal) are what the one error line says, once. The
-    Prefect UI still gets the run's records; --debug shows them all here too. Download progress bars
-    are not log records and stay."""
+    """Console only: warnings and errors, and of Prefect's own records only the warnings about the run.
+
+    A successful run prints its progress bars and its summary: INFO records (ours, Prefect's "run
+    started / finished", the libraries') would repeat what the summary says, Prefect's ERROR records
+    (tracebacks) what the one error line says, and its client's complaints about a lost API connection
+    (prefect.events, prefect._internal) are what that line says, once. The Prefect UI still gets every
+    record; --debug shows them all here too. Download progress bars are not log records and stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("prefect"):
-            return True
+            return record.levelno >= logging.WARNING
         return record.levelno == logging.WARNING and not record.name.startswith(("prefect.events", "prefect._internal"))
 
 
@@ -63,7 +79,10 @@ def _quiet_console(debug: bool) -> None:
             handler.addFilter(_OnlyWarnings())
 
 
-def cmd_prepare(args) -> int:
+# --- commands: (parsed arguments, their settings) -> exit code -------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
     import warnings
 
     from lora_prep.prefect_api import prefect_api
@@ -71,211 +90,154 @@ def cmd_prepare(args) -> int:
     # PEFT calls a transformers 5 property deprecated in favour of is_activation_checkpointing;
     # the warning is PEFT's to fix and tells a CLI user nothing.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    settings = settings_from_args(args)
-    _check_model_arguments(args.model_id, args.revision)  # before any Prefect server is found or started
+    model: ModelReference = settings.pop("model")
+    _check_model_arguments(model)  # before any Prefect server is found or started
     with prefect_api() as api:
-        from lora_prep.flows.prepare_model import (
-            prepare_model,  # imports torch, transformers, peft
-        )
+        from lora_prep.flows.prepare_model import prepare_model  # imports torch, transformers, peft
 
         _quiet_console(args.debug)
-        result = api.run(prepare_model, model_id=args.model_id, revision=args.revision, **settings)
+        result = api.run(prepare_model, model_id=model.model_id, revision=model.revision, **settings)
     if args.json:
         print(result.model_dump_json())
         return EXIT_OK
-    from lora_prep.tasks.tracking.runs import where_to_open
+    from lora_prep.tasks.artifact.summary import as_text, preparation_rows
+    from lora_prep.tasks.records.manifest import Manifest
 
-    pin = result.commit_sha or f"content digest {result.content_digest}"
-    experts = f", {len(result.target_parameters)} expert parameters" if result.target_parameters else ""
-    lines = [
-        f"artifact   {result.artifact_dir}",
-        f"model      {result.repo_id} @ {pin} (requested {result.revision})",
-        f"targets    {len(result.target_modules)} modules{experts}: "
-        f"{', '.join(sorted({t.rsplit('.', 1)[-1] for t in result.target_modules + result.target_parameters}))}",
-        f"params     {result.total_params:,} total, {result.trainable_params:,} trainable",
-        f"download   {result.bytes_downloaded:,} bytes{' (cache)' if result.from_cache else ''}{' (offline)' if result.offline else ''}",
-        f"mlflow     run {result.mlflow_run_id} at {result.mlflow_tracking_uri}",
-    ]
-    if result.model_uri:
-        lines.append(f"registered {result.model_uri}")
-    lines.append(f"open       {where_to_open(result.mlflow_tracking_uri, result.mlflow_run_url).strip('`')}")
-    print("\n".join(lines))
+    print(as_text(preparation_rows(result, Manifest.read(result.artifact_dir), result.mlflow_open)))
     return EXIT_OK
 
 
-def _check_model_arguments(model_id: str, revision: str) -> None:
+def _check_model_arguments(model: ModelReference) -> None:
     from lora_prep.tasks.hub.cache import check_revision
     from lora_prep.tasks.hub.facts import is_local_source
     from lora_prep.tasks.hub.repo import check_model_id
 
-    if not is_local_source(model_id):
-        check_model_id(model_id)
-        check_revision(revision)
+    if not is_local_source(model.model_id):
+        check_model_id(model.model_id)
+        check_revision(model.revision)
 
 
-def cmd_plan(args) -> int:
-    settings = settings_from_args(args)
-    from lora_prep.dry_run import dry_run, format_dry_run
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from lora_prep.dry_run import dry_run
+    from lora_prep.tasks.artifact.summary import as_text, plan_rows
 
-    report = dry_run(args.model_id, args.revision, settings["source"], settings["load"], settings["lora"], settings["output"])
-    print(report.model_dump_json() if args.json else format_dry_run(report))
+    model: ModelReference = settings["model"]
+    report = dry_run(model.model_id, model.revision, settings["source"], settings["load"], settings["lora"], settings["output"],
+                     settings["tracking"])
+    print(report.model_dump_json() if args.json else as_text(plan_rows(report)))
     return EXIT_OK if report.fits else 2
 
 
-def cmd_probe(args) -> int:
+def cmd_probe(args: argparse.Namespace, settings: Settings) -> int:
     from lora_prep.tasks.machine.hardware import format_profile, probe_hardware
 
-    profile = probe_hardware(args.cache_dir)
+    profile = probe_hardware(settings["source"].cache_dir)
     print(profile.model_dump_json() if args.json else format_profile(profile))
     return EXIT_OK
 
 
-def cmd_load(args) -> int:
+def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     from lora_prep.tasks.artifact.load_back import load_adapter_ready
-    from lora_prep.tasks.settings import SourceSettings
 
-    source = SourceSettings(**{k: v for k, v in dict(cache_dir=args.cache_dir, offline=args.offline or None,
-                                                      allow_pickle=args.allow_pickle or None).items() if v is not None})
-    loaded = load_adapter_ready(args.ref, trainable=args.trainable, tracking_uri=args.tracking_uri, source=source,
-                                trust_remote_code=args.trust_remote_code, base=args.base)
+    artifact: LoadBackSettings = settings["artifact"]
+    loaded = load_adapter_ready(artifact.ref, trainable=artifact.trainable, tracking_uri=settings["tracking"].tracking_uri,
+                                source=settings["source"], trust_remote_code=artifact.trust_remote_code, base=artifact.base)
     summary = loaded.summary()
     print(json.dumps(summary) if args.json else "\n".join(f"{k:<18} {v}" for k, v in summary.items()))
     return EXIT_OK
 
 
-def cmd_log(args) -> int:
+def cmd_log(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
-    from lora_prep.tasks.settings import TrackingSettings
     from lora_prep.tasks.tracking.artifacts import log_artifact_run
+    from lora_prep.tasks.tracking.runs import LOGGED_BY_TAG
 
-    values = dict(tracking_uri=args.tracking_uri, experiment=args.experiment, register_as=args.register_as, alias=args.alias)
-    tracking = TrackingSettings(**{k: v for k, v in values.items() if v is not None})
-    result = log_artifact_run(Path(args.artifact_dir), tracking, {"lora_prep.logged_by": "lora-prep log"}, {})
-    print(result.model_dump_json() if args.json else f"logged {args.artifact_dir} as MLflow run {result.run_id} at {result.tracking_uri}")
+    artifact_dir = settings["artifact"].artifact_dir
+    result = log_artifact_run(Path(artifact_dir), settings["tracking"], {LOGGED_BY_TAG: "lora-prep log"}, {})
+    print(result.model_dump_json() if args.json else f"logged {artifact_dir} as MLflow run {result.run_id}; open: {result.open_with}")
     return EXIT_OK
 
 
-def cmd_doctor(args) -> int:
-    """Close what crashed runs left behind: RUNNING MLflow runs of dead processes, partial artifacts."""
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from lora_prep.doctor import doctor
 
-    report = doctor(args.tracking_uri, args.experiment, args.output_dir)
-    print(json.dumps(report) if args.json else "\n".join(f"{k:<22} {v}" for k, v in report.items()))
+    report = doctor(settings["tracking"], settings["output"])
+    print(json.dumps(report) if args.json else "\n".join(f"{k:<28} {v}" for k, v in report.items()))
     return EXIT_OK
 
 
-def cmd_server(args) -> int:
-    """The shared local Prefect server of the embedded default: start, status, stop."""
+def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
     from lora_prep import local_server
 
-    if args.action == "start":
-        print(local_server.ensure())
-    elif args.action == "stop":
-        print("stopped" if local_server.stop() else "not running")
+    action = settings["server"].action
+    if action == "start":
+        url = local_server.ensure()
+        print(json.dumps({"url": url}) if args.json else url)
+    elif action == "stop":
+        stopped = local_server.stop()
+        print(json.dumps({"stopped": stopped}) if args.json else "stopped" if stopped else "not running")
     else:
         state = local_server.status()
         print(json.dumps(state) if args.json else "\n".join(f"{k:<14} {v}" for k, v in state.items()))
     return EXIT_OK
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from lora_prep.deployments.serve import serve_all
 
     serve_all()
     return EXIT_OK
 
 
-def _command(sub, name: str, func, help_text: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=func)
-    return p
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[argparse.Namespace, Settings], int]
+    help: str
+    sections: tuple[Section, ...] = ()
+    json: bool = True
+
+
+_MODEL = Section("model", ModelReference, positional=("model_id",))
+_EVERY_SETTING = (_MODEL, Section("source", SourceSettings), Section("load", LoadSettings), Section("lora", LoraSettings),
+                  Section("tracking", TrackingSettings), Section("output", OutputSettings))
+COMMANDS = (
+    Command("prepare", cmd_prepare, "run the prepare flow: resolve, plan, download, load, wrap with LoRA, check, save, log to MLflow",
+            _EVERY_SETTING),
+    Command("plan", cmd_plan, "dry run: what prepare would fetch, how it would load and what gets LoRA, without downloading weights",
+            _EVERY_SETTING),
+    Command("probe", cmd_probe, "show what this machine can do", (Section("source", SourceSettings, fields=("cache_dir",)),)),
+    Command("load", cmd_load, "load an artifact (directory, runs:/ or models:/ URI) back and describe it",
+            (Section("artifact", LoadBackSettings, positional=("ref",)), Section("source", SourceSettings),
+             Section("tracking", TrackingSettings, fields=("tracking_uri",)))),
+    Command("log", cmd_log, "log an existing artifact directory to MLflow (e.g. after MLflow was unreachable), into its preparation's run",
+            (Section("artifact", ArtifactDirectory, positional=("artifact_dir",)), Section("tracking", TrackingSettings))),
+    Command("doctor", cmd_doctor, "close what crashed runs left: MLflow runs and Prefect flow runs of dead processes, partial files",
+            (Section("tracking", TrackingSettings, fields=("tracking_uri", "experiment")), Section("output", OutputSettings, fields=("output_dir",)))),
+    Command("server", cmd_server, "the local Prefect server runs share when PREFECT_API_URL is unset: start | status | stop",
+            (Section("server", ServerAction, positional=("action",)),)),
+    Command("serve", cmd_serve, "serve the prepare and training deployments from this process (no work pool)", json=False),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-prep", description="Prepare Hugging Face models for LoRA fine-tuning, tracked in MLflow, orchestrated by Prefect.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and every log record")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    for name, func, text in (("prepare", cmd_prepare, "run the prepare flow: resolve, plan, download, load, wrap with LoRA, check, save, log to MLflow"),
-                             ("plan", cmd_plan, "dry run: what prepare would fetch, how it would load and what gets LoRA, without downloading weights")):
-        p = _command(sub, name, func, text)
-        p.add_argument("model_id", help="Hugging Face Hub model id (e.g. meta-llama/Llama-3.2-1B) or a local model directory")
-        p.add_argument("--revision", default="main", help="branch, tag or full commit sha (default: main); for a local directory, the digest of its *.py files to allow its remote code")
-        add_settings_options(p)
-        p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-
-    p = _command(sub, "probe", cmd_probe, "show what this machine can do")
-    p.add_argument("--cache-dir", help="Hugging Face cache directory whose disk is measured")
-    p.add_argument("--json", action="store_true")
-
-    p = _command(sub, "load", cmd_load, "load an artifact (directory, runs:/ or models:/ URI) back and describe it")
-    p.add_argument("ref", help="artifact directory, runs:/<run id>[/artifact], models:/<name>@<alias> or models:/<logged model id>")
-    p.add_argument("--trainable", action="store_true", help="load the adapter trainable")
-    p.add_argument("--base", help="a local directory holding the base model (a copy of the one the artifact was made from)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ references")
-    p.add_argument("--cache-dir", help="Hugging Face cache directory for the base model")
-    p.add_argument("--offline", action="store_true", help="use only the local cache")
-    p.add_argument("--allow-pickle", action="store_true", help="the base has only pickle weights and you allow them")
-    p.add_argument("--trust-remote-code", action="store_true", help="the base runs its own code and you allow it")
-    p.add_argument("--json", action="store_true")
-
-    p = _command(sub, "log", cmd_log, "log an existing artifact directory to MLflow (e.g. after MLflow was unreachable), into its preparation's run")
-    p.add_argument("artifact_dir")
-    for flag in ("--tracking-uri", "--experiment", "--register-as", "--alias"):
-        p.add_argument(flag)
-    p.add_argument("--json", action="store_true")
-
-    p = _command(sub, "doctor", cmd_doctor, "close what crashed runs left: MLflow runs left RUNNING by dead processes, partial artifact directories")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--experiment", default="lora-prep")
-    p.add_argument("--output-dir", help="artifacts directory to clean of partial directories (default: the per-user one)")
-    p.add_argument("--json", action="store_true")
-
-    p = _command(sub, "server", cmd_server, "the local Prefect server runs share when PREFECT_API_URL is unset: start | status | stop")
-    p.add_argument("action", choices=("start", "status", "stop"))
-    p.add_argument("--json", action="store_true")
-
-    _command(sub, "serve", cmd_serve, "serve the prepare and training deployments from this process (no work pool)")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        add_arguments(p, list(command.sections))
+        if command.json:
+            p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and every log record")
+        p.set_defaults(command_spec=command)
     return parser
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def classify(exc: BaseException) -> BaseException:
-    """The error the CLI reports: ours as is; a library's transport error turned into ours; else unchanged."""
-    if isinstance(exc, LoraPrepError):
-        return exc
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):  # a settings model or a flow parameter rejected a value
-        return InvalidInput(f"invalid parameters: {' '.join(str(exc).split())}")
-    import httpx
-
-    if isinstance(exc, httpx.TransportError):  # Prefect's client (huggingface_hub uses httpx2, MLflow requests)
-        from prefect.settings import PREFECT_API_URL
-
-        from lora_prep.tasks.errors import OrchestratorUnavailable
-
-        url = PREFECT_API_URL.value() or "the embedded server"
-        return OrchestratorUnavailable(f"the Prefect API at {url} does not answer ({type(exc).__name__}): start it "
-                                       "(prefect server start) or unset PREFECT_API_URL to use lora-prep's local server.")
-    from lora_prep.tasks.tracking.store import is_connection_problem
-
-    if is_connection_problem(exc):
-        from lora_prep.tasks.errors import TrackingUnavailable
-
-        return TrackingUnavailable(f"MLflow is unreachable ({type(exc).__name__}): start the tracking server or check --tracking-uri.")
-    return exc
 
 
 def console_main() -> None:
     """The `lora-prep` console script: this process is ours, so Prefect's client is bounded for it."""
-    for key, value in PREFECT_CLIENT_BOUND.items():
+    for key, value in {**PREFECT_CLIENT_BOUND, **NO_TELEMETRY}.items():
         os.environ.setdefault(key, value)
     # Production logging: a handler that fails (Prefect's API log shipping once its API is gone)
     # does not print its own traceback or "--- Error logging to API ---" under our one error line.
@@ -289,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.debug = debug
-        return args.func(args)
+        command: Command = args.command_spec
+        return command.run(args, settings_from_args(args, list(command.sections)))
     except UsageError as exc:
         print(f"lora-prep: error: {exc}", file=sys.stderr)
         return 2
@@ -299,14 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # the top of the program: map every error to an exit code
         if isinstance(exc, SystemExit):
             raise
-        from lora_prep.cli import classify
+        from lora_prep.cli_errors import classify, one_line
         from lora_prep.tasks.errors import exit_code
 
         if debug:
             traceback.print_exc()
         exc = classify(exc)
-        prefix = "" if hasattr(exc, "exit_code") else f"{type(exc).__name__}: "
-        print(f"lora-prep: error: {prefix}{_one_line(exc)}", file=sys.stderr)
+        print(f"lora-prep: error: {one_line(exc)}", file=sys.stderr)
         return exit_code(exc)
 
 

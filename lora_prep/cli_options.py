@@ -1,41 +1,32 @@
-"""CLI options generated from the settings models: one definition serves the CLI, the flow parameters and the UI form.
+"""CLI arguments generated from the settings models: one definition serves the CLI, the flow parameters and the UI form.
 
-Each field of each settings model becomes ``--kebab-name`` with the field's description as its
-help, the model's default shown, ``Literal`` values as choices, booleans as ``--x/--no-x``,
-lists as comma-separated values, dicts as ``key=value,...`` or JSON. ``ALIASES`` keeps the
-spellings the README has always shown where the generated name differs. Values are validated
-by the models themselves, every problem reported in one line.
+A command is a list of ``Section``s: a settings model, the fields it takes (all by default) and which
+of them are positional. Each field becomes ``--kebab-name`` (or a positional) with the field's
+description as its help, the model's default shown, ``Literal`` values as choices, booleans as
+``--x/--no-x``, lists as comma-separated values, dicts as ``key=value,...`` or JSON. ``ALIASES`` keeps
+the spellings the README has always shown where the generated name differs. Values are validated by
+the models themselves, every problem reported in one line.
 
-Why not a CLI library (pydantic-settings' CliApp, typer, cyclopts): none of them flattens five
-nested models into one option namespace while keeping argparse's exit-2 behaviour and our
-existing spellings; this is the ~150 lines that do exactly that over ``model_fields``.
+Why not a CLI library (pydantic-settings' CliApp, typer, cyclopts): none of them flattens several
+nested models into one option namespace while keeping argparse's exit-2 behaviour and our existing
+spellings; this is the ~150 lines that do exactly that over ``model_fields``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from lora_prep.tasks.settings import (
-    PRESETS,
-    LoadSettings,
-    LoraSettings,
-    OutputSettings,
-    SourceSettings,
-    TrackingSettings,
-)
+from lora_prep.tasks.settings import PRESETS
 
-SECTIONS: dict[str, type[BaseModel]] = {
-    "source": SourceSettings,
-    "load": LoadSettings,
-    "lora": LoraSettings,
-    "tracking": TrackingSettings,
-    "output": OutputSettings,
-}
 # Generated name -> extra spellings users' scripts already use.
 ALIASES = {"attn_implementation": ("--attn",)}
 _SEP = "__"  # dest = <section>__<field>
@@ -45,21 +36,35 @@ class UsageError(Exception):
     """Bad command-line syntax (a bad value is reported by the settings models)."""
 
 
+@dataclass(frozen=True)
+class Section:
+    """One settings model's part of a command: its fields (None: all of them), and which are positional."""
+
+    name: str
+    model: type[BaseModel]
+    fields: tuple[str, ...] | None = None
+    positional: tuple[str, ...] = ()
+
+    def items(self) -> list[tuple[str, FieldInfo]]:
+        names = self.fields if self.fields is not None else tuple(self.model.model_fields)
+        return [(name, self.model.model_fields[name]) for name in names]
+
+
 def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _members(annotation) -> list:
+def _members(annotation: Any) -> list[Any]:
     """The leaf types of an annotation: Annotated unwrapped, unions flattened, None dropped."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
         return _members(typing.get_args(annotation)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return [m for arg in typing.get_args(annotation) for m in _members(arg)]
     return [] if annotation is type(None) else [annotation]
 
 
-def _choices(members: list) -> list[str] | None:
+def _choices(members: list[Any]) -> list[str] | None:
     literals = [m for m in members if typing.get_origin(m) is typing.Literal]
     if len(literals) == len(members) == 1:
         return [str(v) for v in typing.get_args(literals[0])]
@@ -70,14 +75,17 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _mapping(text: str, value_type=str) -> dict:
+def _mapping(text: str, value_type: type = str) -> dict[str, Any]:
     """'cpu=20GiB,0=70GiB' or a JSON object."""
     if text.lstrip().startswith("{"):
         try:
-            return json.loads(text)
+            loaded = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{text!r} is not valid JSON ({exc.msg})") from None
-    out = {}
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{text!r} is not a JSON object")
+        return loaded
+    out: dict[str, Any] = {}
     for part in _csv(text):
         key, sep, value = part.partition("=")
         if not sep:
@@ -86,7 +94,7 @@ def _mapping(text: str, value_type=str) -> dict:
     return out
 
 
-def _converter(members: list):
+def _converter(members: list[Any]) -> Callable[[str], Any]:
     """How one option's text becomes the field's value (the model validates it afterwards)."""
     kinds = {typing.get_origin(m) or m for m in members}
     if kinds == {bool, str}:  # init_lora_weights: true | false | a method name
@@ -107,20 +115,31 @@ def _converter(members: list):
     return str
 
 
-def _help(field) -> str:
+def _help(field: FieldInfo) -> str:
+    if field.is_required():
+        return (field.description or "").replace("%", "%%")
     default = field.get_default(call_default_factory=True)
     shown = "none" if default is None else json.dumps(default) if not isinstance(default, str) else default
     return f"{field.description} (default: {shown})".replace("%", "%%")
 
 
-def add_settings_options(parser: argparse.ArgumentParser) -> None:
-    """Every field of every settings model, grouped by model."""
-    for section, model in SECTIONS.items():
-        group = parser.add_argument_group(section, (model.__doc__ or "").strip().splitlines()[0])
-        for name, field in model.model_fields.items():
+def add_arguments(parser: argparse.ArgumentParser, sections: list[Section]) -> None:
+    """Every field of every section: positionals first, then one option group per section."""
+    for section in sections:
+        for name, field in section.items():
+            if name in section.positional:
+                members = _members(field.annotation)
+                parser.add_argument(f"{section.name}{_SEP}{name}", metavar=name, choices=_choices(members), type=_converter(members),
+                                    help=_help(field))
+    for section in sections:
+        options = [(n, f) for n, f in section.items() if n not in section.positional]
+        if not options:
+            continue
+        group = parser.add_argument_group(section.name, (section.model.__doc__ or "").strip().splitlines()[0])
+        for name, field in options:
             members = _members(field.annotation)
             flags = [option(name), *ALIASES.get(name, ())]
-            dest = f"{section}{_SEP}{name}"
+            dest = f"{section.name}{_SEP}{name}"
             if members == [bool]:
                 group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=_help(field))
                 continue
@@ -130,32 +149,32 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
 
 
 def covered_fields(parser: argparse.ArgumentParser) -> set[tuple[str, str]]:
-    """(section, field) pairs that have an option: for the test that every field has one."""
-    return {tuple(a.dest.split(_SEP, 1)) for a in parser._actions if _SEP in (a.dest or "")}
+    """(section, field) pairs that have an argument: for the test that every field has one."""
+    return {(a.dest.split(_SEP, 1)[0], a.dest.split(_SEP, 1)[1]) for a in parser._actions if _SEP in (a.dest or "")}
 
 
-def settings_from_args(args: argparse.Namespace) -> dict[str, BaseModel]:
-    """All settings models from the parsed options, validated together: every bad field in one line."""
+def settings_from_args(args: argparse.Namespace, sections: list[Section]) -> dict[str, Any]:
+    """Every section's model from the parsed arguments, validated together: every bad field in one line."""
     from lora_prep.tasks.errors import InvalidInput
 
-    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    values: dict[str, dict[str, Any]] = {section.name: {} for section in sections}
     for dest, value in vars(args).items():
         if _SEP in dest and value is not None:
             section, name = dest.split(_SEP, 1)
             values[section][name] = value
     settings, problems = {}, []
-    for section, model in SECTIONS.items():
+    for section in sections:
         try:
-            settings[section] = model(**values[section])
+            settings[section.name] = section.model(**values[section.name])
         except ValidationError as exc:
-            problems += [field_problem(section, err) for err in exc.errors()]
+            problems += [field_problem(section.name, dict(err)) for err in exc.errors()]
     if problems:
         raise InvalidInput("invalid settings: " + "; ".join(problems))
     return settings
 
 
-def field_problem(section: str, err: dict) -> str:
-    """'lora.r: Input should be greater than 0 (got -1); use --r'."""
+def field_problem(section: str, err: dict[str, Any]) -> str:
+    """'lora.r: Input should be greater than 0 (got -1); set --r'."""
     parts = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")) and p not in ("str", "list[str]", "bool", "int", "float")]
     field = parts[0] if parts else ""
     where = f"{section}.{'.'.join(parts)}" if parts else section

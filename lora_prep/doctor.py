@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_prep.tasks.settings import OutputSettings, TrackingSettings
 
-def doctor(tracking_uri: str | None, experiment: str, output_dir: str | None) -> dict:
-    from lora_prep.tasks.artifact.write import clean_stale_partials
-    from lora_prep.tasks.common.paths import default_artifacts_dir
+
+def doctor(tracking: TrackingSettings, output: OutputSettings) -> dict[str, object]:
+    from lora_prep.tasks.artifact.write import artifact_parent, clean_stale_partials
     from lora_prep.tasks.hub.cache import clean_orphaned_downloads
     from lora_prep.tasks.hub.env import cache_dir_for
-    from lora_prep.tasks.settings import TrackingSettings
     from lora_prep.tasks.tracking.reaper import reap_dead_flow_runs, reap_stale_runs
     from lora_prep.tasks.tracking.store import (
         client,
@@ -25,15 +25,15 @@ def doctor(tracking_uri: str | None, experiment: str, output_dir: str | None) ->
         resolve_tracking_uri,
     )
 
-    uri = resolve_tracking_uri(TrackingSettings(tracking_uri=tracking_uri, experiment=experiment))
+    uri = resolve_tracking_uri(tracking)
     closed: list[str] = []
     crashed = reap_dead_flow_runs()
     with mlflow_errors(uri):
         mlflow = client(uri)
-        found = mlflow.get_experiment_by_name(experiment)
+        found = mlflow.get_experiment_by_name(tracking.experiment)
         if found is not None:
             closed = reap_stale_runs(mlflow, [found.experiment_id])
-    parent = Path(output_dir).expanduser() if output_dir else default_artifacts_dir()
+    parent = artifact_parent(output)
     partials = clean_stale_partials(parent)
     cache = Path(cache_dir_for())
     incomplete = []

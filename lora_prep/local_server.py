@@ -1,7 +1,7 @@
 """The embedded default's Prefect API: one local server, started on first use, shared by later runs.
 
 Without PREFECT_API_URL, Prefect 3.9 starts an ephemeral server in every process (7-13 s each,
-PITFALLS) and several at once contend for one SQLite database. Instead the CLI asks ``ensure()``:
+measured here) and several at once contend for one SQLite database. Instead the CLI asks ``ensure()``:
 
 - under an exclusive file lock (``$PREFECT_HOME/lora-prep-server.lock``: concurrent first uses
   start one server), reuse the server recorded in ``$PREFECT_HOME/lora-prep-server.json`` when its
@@ -92,7 +92,8 @@ def ensure() -> str:
             process = subprocess.Popen(
                 [sys.executable, "-m", "lora_prep.local_server", "--port", str(port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+                # Our server: no telemetry banner on the user's console, nothing sent home from it.
+                env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(url):

@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+from lora_prep.tasks.common.causes import causes
 from lora_prep.tasks.errors import OrchestratorUnavailable
 
 # The watchdog: /health every WATCH_EVERY_S (each probe waits up to WATCH_TIMEOUT_S); the API counts as
@@ -98,15 +99,11 @@ def _prefect_transport_error(exc: BaseException) -> str | None:
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
 
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, httpx.TransportError):
-            return type(exc).__name__
-        if isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code >= 500:
-            request = exc.request
-            return f"HTTP {exc.response.status_code} on {request.method} {request.url.path}"
-        exc = exc.__cause__ or exc.__context__
+    for e in causes(exc):
+        if isinstance(e, httpx.TransportError):
+            return type(e).__name__
+        if isinstance(e, PrefectHTTPStatusError) and e.response.status_code >= 500:
+            return f"HTTP {e.response.status_code} on {e.request.method} {e.request.url.path}"
     return None
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Iterator
+from collections.abc import Iterator
+
+from lora_prep.tasks.records.manifest import PrefectRecord
+from lora_prep.tasks.records.plan import Plan
+from lora_prep.tasks.records.results import PreparedModel
 
 # Loggers whose records belong in the Prefect run logs: the libraries at their own level
 # (warnings by default: transformers' INFO dumps whole configs) and ours at INFO.
@@ -56,46 +60,15 @@ def library_logs_to_prefect(level: int = logging.INFO) -> Iterator[None]:
             logger.setLevel(old_level)
 
 
-def _summary_markdown(result, plan) -> str:
-    from lora_prep.tasks.tracking.runs import where_to_open
+def _summary_markdown(result: PreparedModel, plan: Plan) -> str:
+    from lora_prep.tasks.artifact.summary import as_markdown, preparation_rows, reason_rows
+    from lora_prep.tasks.records.manifest import Manifest
 
-    reasons = "\n".join(f"| {k} | {v} |" for k, v in plan.load.reasons.items())
-    seconds = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
-    targets = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in result.target_modules}))
-    experts = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in result.target_parameters}))
-    excluded = "\n".join(f"| `{k}` | {v} |" for k, v in plan.targets.excluded.items()) or "| (none) | |"
-    pinned = f"`{result.commit_sha}`" if result.commit_sha else f"content digest `{result.content_digest}`"
-    return f"""# Prepared {result.repo_id}
-
-| | |
-|---|---|
-| revision | `{result.revision}` |
-| pinned to | {pinned} |
-| artifact | `{result.artifact_dir}` |
-| parameters | {result.total_params:,} total, {result.trainable_params:,} trainable |
-| LoRA modules | {targets} ({len(result.target_modules)} modules) |
-| LoRA expert parameters | {experts or "none"} ({len(result.target_parameters)}) |
-| LoRA dropout | {plan.targets.dropout_reason} |
-| downloaded | {result.bytes_downloaded:,} bytes (from cache: {result.from_cache}, offline: {result.offline}) |
-| MLflow run | `{result.mlflow_run_id}`: {where_to_open(result.mlflow_tracking_uri, result.mlflow_run_url)} |
-| model URI | {result.model_uri or "not registered"} |
-| timings | {seconds} |
-
-## Load plan
-
-| decision | reason |
-|---|---|
-{reasons}
-
-## Left out of the LoRA presets
-
-| module | why |
-|---|---|
-{excluded}
-"""
+    rows = preparation_rows(result, Manifest.read(result.artifact_dir), result.mlflow_open)
+    return f"# Prepared {result.repo_id}\n\n{as_markdown(rows)}\n## Load plan\n\n{as_markdown(reason_rows(plan.load))}"
 
 
-def publish_run_artifacts(result, plan) -> None:
+def publish_run_artifacts(result: PreparedModel, plan: Plan) -> None:
     """A markdown summary and, for a tracking server, a link to the MLflow run, on the flow run's Artifacts tab."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
@@ -123,11 +96,10 @@ def prefect_tags() -> dict[str, str]:
     return tags
 
 
-def prefect_record():
+def prefect_record() -> PrefectRecord:
     """The current flow run, for the manifest."""
     from prefect.runtime import deployment, flow_run
 
-    from lora_prep.tasks.records.manifest import PrefectRecord
 
     return PrefectRecord(flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name),
                          deployment_name=str(deployment.name) if deployment.id else None)

@@ -1,7 +1,7 @@
 """Stage 5, build: load the base model, wrap it with LoRA, check it runs, save the artifact, in one task.
 
 The model and tokenizer live only inside this task: nothing Prefect hashes, caches or
-persists ever holds them (PITFALLS: a model passed between tasks is pickled to compute cache
+persists ever holds them (a model passed between tasks is pickled to compute cache
 keys). The task returns a small record.
 
 The adapter is portable: ``adapter_config.json`` names the Hub repo id and the commit sha (or

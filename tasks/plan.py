@@ -29,12 +29,8 @@ from lora_prep.tasks.model.load_plan import plan_for_repo
 from lora_prep.tasks.records.hub import RepoFacts
 from lora_prep.tasks.records.machine import HardwareProfile
 from lora_prep.tasks.records.plan import LoadPlan, Plan
-from lora_prep.tasks.settings import (
-    LoadSettings,
-    LoraSettings,
-    OutputSettings,
-    SourceSettings,
-)
+from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
+from lora_prep.tasks.tracking.store import check_tracking_uri, resolve_tracking_uri
 
 
 def _code_dir(facts: RepoFacts, source: SourceSettings) -> str:
@@ -64,11 +60,12 @@ def plan_prepare(
     output: OutputSettings,
     revision: str,
     source: SourceSettings = SourceSettings(),
+    tracking: TrackingSettings = TrackingSettings(),
     *,
     enforce_fit: bool = True,
     create_output: bool = True,
 ) -> Plan:
-    """The load plan, the LoRA targets and the output directory, or one error listing every problem.
+    """The load plan, the LoRA targets, the output directory and the tracking store, or one error listing every problem.
 
     enforce_fit=False (the dry run) returns a plan with ``fits=False`` instead of refusing;
     create_output=False checks the output directory without creating it.
@@ -91,6 +88,10 @@ def plan_prepare(
             problems.append(exc)
     try:
         parent = check_output_dir(output, create=create_output)
+    except LoraPrepError as exc:
+        problems.append(exc)
+    try:
+        check_tracking_uri(resolve_tracking_uri(tracking))  # MLFLOW_TRACKING_URI too: the flow parameter is checked when set
     except LoraPrepError as exc:
         problems.append(exc)
     if problems:

@@ -235,6 +235,23 @@ class LoraSettings(_Settings):
         return self
 
 
+# The tracking store schemes MLflow 3 serves (mlflow.tracking._tracking_service.utils), less its file
+# store: MLflow 3.17 refuses that one ("in maintenance mode"), so a file: URI or a bare path would pass
+# the plan, download the weights, and fail at the tracking stage.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot use this tracking URI, with the fix; None when it can (by its scheme)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme in TRACKING_SCHEMES:
+        return None
+    if scheme in ("", "file"):
+        return (f"tracking URI {uri!r} names MLflow's file store, which MLflow 3 no longer opens (\"maintenance mode\"): "
+                "use a database, e.g. sqlite:///path/to/mlflow.db, or a tracking server, e.g. http://host:5000")
+    return f"tracking URI {uri!r} has scheme {scheme!r}, which MLflow cannot use: use one of {', '.join(TRACKING_SCHEMES)} (e.g. sqlite:///path/to/mlflow.db)"
+
+
 class TrackingSettings(_Settings):
     """Where the run is recorded."""
 
@@ -252,8 +269,16 @@ class TrackingSettings(_Settings):
     alias: Text | Default = Field(
         title="Registry alias", default=None, description="Alias for the registered version (e.g. champion); needs register_as.")
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _check_tracking_uri(cls, value: str | None) -> str | None:
+        problem = tracking_uri_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
-    def _alias_needs_name(self):
+    def _alias_needs_name(self) -> TrackingSettings:
         if self.alias and not self.register_as:
             raise ValueError(f"alias {self.alias!r} needs register_as: set the registered model name too.")
         return self
@@ -281,18 +306,75 @@ class OutputSettings(_Settings):
     )
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(_Settings):
     """The training loop: AdamW on the adapter parameters only, causal LM loss on a built-in corpus."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Training")
 
-    steps: int = Field(default=20, gt=0, le=1_000_000, description="Optimizer steps.")
-    lr: float = Field(default=5e-3, gt=0, lt=1, description="AdamW learning rate (LoRA takes rates ~10x those of full fine-tuning).")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (0: an adapter weight changes only by its gradient).")
-    batch_size: int = Field(default=4, gt=0, le=4096, description="Sentences per step.")
-    max_length: int = Field(default=32, gt=1, le=1_000_000, description="Tokens per sentence; longer ones are cut.")
-    seed: int = Field(default=0, ge=0, description="Seed for dropout and batch order.")
+    steps: int = Field(title="Optimizer steps", default=20, gt=0, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(title="Learning rate", default=5e-3, gt=0, lt=1,
+                      description="AdamW learning rate (LoRA takes rates ~10x those of full fine-tuning).")
+    weight_decay: float = Field(title="Weight decay", default=0.0, ge=0,
+                                description="AdamW weight decay (0: an adapter weight changes only by its gradient).")
+    batch_size: int = Field(title="Batch size (sentences)", default=4, gt=0, le=4096, description="Sentences per step.")
+    max_length: int = Field(title="Tokens per sentence", default=32, gt=1, le=1_000_000, description="Tokens per sentence; longer ones are cut.")
+    seed: int = Field(title="Seed", default=0, ge=0, description="Seed for dropout and batch order.")
     verify_base: bool = Field(
+        title="Prove the base is unchanged",
         default=True,
         description="Hash every base weight before and after training to prove it did not change. Reads all weights twice (seconds per GB).",
     )
+
+
+# --- what the other commands take ------------------------------------------------------------------
+# The flows take model_id and revision as plain parameters (deployments name them so); the CLI's
+# positional arguments and the options of `load`, `log` and `server` are defined here like every setting.
+
+
+class ModelReference(_Settings):
+    """The model: a Hub repo at a revision, or a local directory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Model")
+
+    model_id: str = Field(
+        title="Model id or directory", min_length=1,
+        description="Hugging Face Hub model id (e.g. meta-llama/Llama-3.2-1B) or a local model directory.")
+    revision: str = Field(
+        title="Revision",
+        default="main",
+        description="Branch, tag or full commit sha; for a local directory, the digest of its *.py files to allow its remote code.",
+    )
+
+
+class LoadBackSettings(_Settings):
+    """An artifact to load back, and what it may do."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Artifact")
+
+    ref: str = Field(
+        title="Artifact", min_length=1,
+        description="Artifact directory, runs:/<run id>[/artifact], models:/<name>@<alias> or models:/<logged model id>.")
+    trainable: bool = Field(title="Trainable adapter", default=False, description="Load the adapter trainable (gradients on its LoRA weights).")
+    base: Directory | Default = Field(
+        title="Base model directory", default=None,
+        description="A local directory holding the base model (a copy of the one the artifact was made from); its files must match the manifest.")
+    trust_remote_code: bool = Field(
+        title="Trust the base's own code", default=False,
+        description="The base runs its own code and you allow it (an artifact never switches remote code on by itself).")
+
+
+class ArtifactDirectory(_Settings):
+    """An artifact directory on this machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Artifact")
+
+    artifact_dir: str = Field(title="Artifact directory", min_length=1,
+                              description="The artifact directory to log (the one 'lora-prep prepare' printed).")
+
+
+class ServerAction(_Settings):
+    """The local Prefect server that runs share when PREFECT_API_URL is unset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Local Prefect server")
+
+    action: Literal["start", "status", "stop"] = Field(title="Action", description="start it (or find it running), show its state, or stop it.")

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,62 @@ def test_two_prepare_processes_at_once_both_succeed_and_fetch_the_weights_once(p
     weights = hub.store / "tiny" / "phi3" / "commits" / hub.repos["tiny/phi3"].sha / "model.safetensors"
     whole_file_reads = [r for r in hub.records("*/tiny/phi3/resolve/*/model.safetensors", "GET") if not r.range]
     assert sum(r.body_bytes for r in whole_file_reads) == weights.stat().st_size
+
+
+def _run_in_a_terminal(argv: list[str], env: dict[str, str], timeout: float = 240) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as its stdin, stdout and stderr (an interactive session); its output and exit code."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a new pty is 0x0: progress bars would draw nothing
+    process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed its end
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif process.poll() is not None:
+                break
+        code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        os.close(master)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+def test_a_successful_prepare_in_a_terminal_prints_progress_bars_and_its_summary_and_nothing_else(prefect_harness, hub, hf_cache, tmp_path):
+    from lora_prep.tasks.artifact.summary import LABEL_WIDTH
+
+    # A first run: new Prefect home (where the telemetry notice would show once), new MLflow store (its migration
+    # would announce itself), an MoE model (its dropout decision), an MLflow run opened in a worker thread.
+    env = {**_cli_env(prefect_harness, hf_cache), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    argv = [str(Path(sys.executable).with_name("lora-prep")), "prepare", "tiny/qwen3-moe", "--tracking-uri",
+            f"sqlite:///{tmp_path}/new/mlflow.db", "--output-dir", str(tmp_path / "out")]
+    code, output = _run_in_a_terminal(argv, env)
+    assert code == 0, output[-3000:]
+    labels = ("artifact", "model", "load", "memory", "lora", "experts", "left out", "trainable", "download", "mlflow", "open", "seconds")
+    import re
+
+    output = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output)  # a bar redraws itself with cursor moves
+    lines = [line for part in output.split("\n") for line in part.split("\r") if line.strip()]
+    # tqdm bars: "Loading weights: 100%|...| 25/25 [00:00<00:00, 5872.07it/s]", "Download complete: ████|  193kB"
+    bar = re.compile(r"\d+%\||it/s\]|s/it\]|\|\s+[\d.]+\s?[kMGT]?B\b")
+    progress = [line for line in lines if bar.search(line)]
+    summary = [line for line in lines if line[:LABEL_WIDTH].rstrip() in labels]
+    other = [line for line in lines if line not in progress and line not in summary]
+    assert other == [], f"printed besides the progress bars and the summary: {other}"
+    assert any(line.startswith("artifact ") for line in summary) and any("Loading weights" in line for line in progress)

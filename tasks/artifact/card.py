@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+from lora_prep.tasks.artifact.summary import as_markdown, manifest_rows
 from lora_prep.tasks.records.manifest import Manifest
 
 
 def model_card(manifest: Manifest) -> str:
-    base, t, params, plan = manifest.base_model, manifest.lora.targets, manifest.parameters, manifest.load_plan
-    s = manifest.lora.settings
-    leaves = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in t.target_modules}))
-    experts = f"; expert parameters {', '.join(t.expert_parameter_leaves)} ({len(t.target_parameters)})" if t.target_parameters else ""
-    pinned = f"commit `{base.commit_sha}`" if base.commit_sha else f"content digest `{base.content_digest}`"
+    base = manifest.base_model
     if base.source == "hub":
         peft_load = (f'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory/adapter")  '
                      f"# fetches {base.name_or_path} at {(base.commit_sha or '')[:12]}")
@@ -21,16 +18,7 @@ def model_card(manifest: Manifest) -> str:
 
 Adapter-ready artifact made by lora-prep on {manifest.created_at}.
 
-| | |
-|---|---|
-| base model | `{base.name_or_path}` ({base.source}) |
-| revision requested | `{base.revision}` |
-| pinned to | {pinned} |
-| dtype / attention / placement | {plan.dtype} / {plan.attn_implementation} / {plan.device_map} |
-| LoRA | r={s.r}, alpha={s.alpha}, dropout={t.dropout}, init={s.init_lora_weights} |
-| targets | {leaves} ({len(t.target_modules)} modules){experts} |
-| parameters | {params.total:,} total, {params.trainable:,} trainable ({100.0 * params.trainable / max(params.total, 1):.3f}%) |
-
+{as_markdown(manifest_rows(manifest))}
 The base weights are not in this directory: they are fetched as pinned above and checked
 against the sha256 list in `manifest.json`.
 
@@ -55,7 +43,7 @@ or from the command line: `lora-prep load path/to/this/directory --json`.
 """
 
 
-def training_card(manifest) -> str:
+def training_card(manifest: Manifest) -> str:
     t, parent = manifest.training, manifest.parent
     return (f"\n## Training\n\nTrained {t.steps} steps at lr {t.lr} from `{parent.artifact}` "
             f"(MLflow run `{parent.mlflow_run_id}`): eval loss {t.eval_loss_before:.4f} -> {t.eval_loss_after:.4f}.\n")

@@ -15,13 +15,11 @@ artifact; the next run in that parent directory removes the ones whose process i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import re
 import shutil
-import socket
 import time
 import uuid
 from datetime import datetime, timezone
@@ -29,7 +27,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from lora_prep.tasks.common.files import sha256_file
 from lora_prep.tasks.common.paths import default_artifacts_dir
+from lora_prep.tasks.common.process import ProcessId
 from lora_prep.tasks.errors import InvalidInput
 from lora_prep.tasks.records.hub import SnapshotFile
 from lora_prep.tasks.records.manifest import Manifest
@@ -101,27 +101,16 @@ def check_output_dir(output: OutputSettings, *, create: bool) -> Path:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_partials(parent: Path) -> list[str]:
-    """Remove ``.<name>.partial-*`` directories left by runs that died (this host, process gone)."""
+    """Remove ``.<name>.partial-*`` directories left by runs that died (this host, process gone, pid reuse included)."""
     removed = []
     if not parent.is_dir():
         return removed
-    host = socket.gethostname()
     for tmp in parent.glob(".*.partial-*"):
         try:
             owner = json.loads((tmp / OWNER).read_text())
-            dead = owner.get("host") == host and not _pid_alive(int(owner.get("pid", 0)))
-        except (OSError, ValueError):
+            dead = ProcessId(owner["host"], int(owner["pid"]), owner.get("process_started")).is_gone()
+        except (OSError, ValueError, KeyError, TypeError):
             dead = time.time() - tmp.stat().st_mtime > ORPHAN_AGE_S
         if dead:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +134,8 @@ def write_artifact(parent: Path, name: str, fill: Callable[[Path], Manifest], ca
     tmp = parent / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}))
+        me = ProcessId.current()
+        (tmp / OWNER).write_text(json.dumps({"host": me.host, "pid": me.pid, "process_started": me.started, "started": utc_now()}))
         manifest = fill(tmp)
         (tmp / "README.md").write_text(card(manifest))
         manifest.write(tmp)
@@ -159,6 +149,6 @@ def write_artifact(parent: Path, name: str, fill: Callable[[Path], Manifest], ca
 
 def file_records(root: Path) -> list[SnapshotFile]:
     return [
-        SnapshotFile(path=str(p.relative_to(root.parent)), size=p.stat().st_size, sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+        SnapshotFile(path=str(p.relative_to(root.parent)), size=p.stat().st_size, sha256=sha256_file(p))
         for p in sorted(root.rglob("*")) if p.is_file()
     ]

@@ -18,7 +18,7 @@ from lora_prep.tasks.errors import is_transient
 
 def retry_if_transient(task, task_run, state) -> bool:
     """Prefect retry_condition_fn. A plain ``def`` on purpose: Prefect silently never retries
-    when given a functools.partial or a callable object (PITFALLS)."""
+    when given a functools.partial or a callable object (task_engine.py checks inspect.isfunction)."""
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - the failed run's exception is what we classify

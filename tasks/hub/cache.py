@@ -1,6 +1,6 @@
 """The HF cache is a jail: every value from a server that becomes a path is checked first.
 
-huggingface_hub 2.4 builds cache paths from what the server says, unchecked (PITFALLS): the
+huggingface_hub 2.4 builds cache paths from what the server says, unchecked: the
 blob name from the ``ETag`` / ``X-Linked-Etag`` of a ``resolve`` response, the snapshot and
 ``.no_exist/<commit>/`` folders from ``X-Repo-Commit``, a ref file from the revision. A mirror
 (HF_ENDPOINT) answering ``ETag: "../../../x"`` would write outside the cache. So:

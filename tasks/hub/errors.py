@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from lora_prep.tasks.common.causes import causes
 from lora_prep.tasks.errors import (
     EntryNotFound,
     GatedRepo,
@@ -49,15 +50,11 @@ def _status(exc: HfHubHTTPError) -> int | None:
 
 def is_transient_hub_error(exc: BaseException) -> bool:
     """Connection trouble or a 408/429/5xx, here or anywhere in the cause chain."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, httpx2.TransportError) and not isinstance(exc, httpx2.ProxyError):
-            return True
-        if isinstance(exc, HfHubHTTPError) and _status(exc) in TRANSIENT_STATUS:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(
+        (isinstance(e, httpx2.TransportError) and not isinstance(e, httpx2.ProxyError))
+        or (isinstance(e, HfHubHTTPError) and _status(e) in TRANSIENT_STATUS)
+        for e in causes(exc)
+    )
 
 
 @contextmanager

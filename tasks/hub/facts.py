@@ -85,14 +85,6 @@ def read_json_file(path: str | Path, where: str, name: str) -> dict:
     return data
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def content_digest(entries: list[tuple[str, str]]) -> str:
     """One sha256 over (path, sha256) pairs, sorted: names the exact files of a local model (or its code)."""
     digest = hashlib.sha256()

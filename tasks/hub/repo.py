@@ -24,6 +24,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
+from lora_prep.tasks.common.files import sha256_file
 from lora_prep.tasks.common.logs import run_logger
 from lora_prep.tasks.errors import (
     HubUnavailable,
@@ -47,7 +48,6 @@ from lora_prep.tasks.hub.facts import (
     is_local_source,
     read_json_file,
     require_config,
-    sha256_file,
 )
 from lora_prep.tasks.hub.selection import select_with_shards
 from lora_prep.tasks.records.hub import LOCAL_REVISION, HubFile, RepoFacts

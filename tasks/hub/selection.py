@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Callable, Literal
+from pathlib import Path
+from typing import Any, Callable
 
 from lora_prep.tasks.errors import BadRepo, EntryNotFound, PickleRefused
 from lora_prep.tasks.hub.cache import check_repo_path
-
-WeightFormat = Literal["safetensors", "pickle"]
+from lora_prep.tasks.records.hub import WeightFormat
 
 _CONFIG_FILES = frozenset({"config.json", "generation_config.json"})
 _TOKENIZER_FILES = frozenset(
@@ -77,6 +77,21 @@ def select_files(paths: list[str], allow_pickle: bool, *, include_code: bool = F
     return sorted(selected | weights), fmt
 
 
+def ships_code(config: dict[str, Any]) -> bool:
+    """A repo ships its own Python code when its config (or tokenizer config) maps classes to it (``auto_map``)."""
+    return bool(config.get("auto_map"))
+
+
+def snapshot_weight_format(snapshot_dir: Path, allow_pickle: bool) -> WeightFormat:
+    """The weight format a downloaded snapshot (or local directory) holds, by the same rules as the selection."""
+    where = str(snapshot_dir)
+    try:
+        _, fmt = select_files(sorted(p.name for p in Path(snapshot_dir).iterdir()), allow_pickle)
+    except (PickleRefused, EntryNotFound) as exc:
+        raise type(exc)(f"{where}: {exc}", snapshot_dir=where) from None
+    return fmt
+
+
 def is_weight_file(path: str) -> bool:
     return path.endswith((".safetensors", ".bin")) and "/" not in path
 
@@ -86,7 +101,7 @@ def select_with_shards(
 ) -> tuple[list[str], WeightFormat]:
     """select_files, then the exact shard list from the index (it names the shards, not a pattern)."""
     try:
-        selected, fmt = select_files(paths, allow_pickle, include_code="auto_map" in config)
+        selected, fmt = select_files(paths, allow_pickle, include_code=ships_code(config))
     except (PickleRefused, EntryNotFound) as exc:
         raise type(exc)(f"{where}: {exc}") from None
     index = next((p for p in selected if p in WEIGHT_INDEXES), None)

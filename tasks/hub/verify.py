@@ -21,11 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_prep.tasks.common.files import write_atomic
+from lora_prep.tasks.common.files import hash_file, sha256_file, write_atomic
 from lora_prep.tasks.records.hub import HubFile, SnapshotFile
 
-# Read size when hashing: 8 MiB keeps hashlib busy without holding much memory.
-HASH_CHUNK = 8 << 20
 MARKER_DIR = (".lora-prep", "verified")
 
 
@@ -40,18 +38,6 @@ def locate(snapshot_dir: Path, path: str) -> _Blob | None:
     if not pointer.is_file():  # missing, or a link to a deleted blob
         return None
     return _Blob(pointer, Path(os.path.realpath(pointer)))
-
-
-def _hash_file(path: Path, size: int, git: bool) -> tuple[str, str | None]:
-    """sha256 and (for small git files) the git blob oid, in one pass."""
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1(b"blob %d\0" % size) if git else None
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            sha256.update(chunk)
-            if sha1 is not None:
-                sha1.update(chunk)
-    return sha256.hexdigest(), sha1.hexdigest() if sha1 else None
 
 
 def _marker_path(storage: Path, blob_name: str) -> Path:
@@ -107,7 +93,7 @@ def verify_file(storage: Path, snapshot_dir: Path, hub_file: HubFile, stats: Ver
         return SnapshotFile(path=hub_file.path, size=st.st_size, sha256=known)
     t0 = time.perf_counter()
     is_lfs = hub_file.sha256 is not None
-    sha256, git_oid = _hash_file(located.blob, st.st_size, git=not is_lfs and bool(hub_file.blob_id))
+    sha256, git_oid = hash_file(located.blob, git_blob_size=st.st_size if not is_lfs and hub_file.blob_id else None)
     if stats is not None:
         stats.hashed += 1
         stats.hashed_bytes += st.st_size
@@ -144,7 +130,7 @@ def hash_local_file(marker_dir: Path, path: Path, stats: VerifyStats | None = No
     if known is not None:
         return known
     t0 = time.perf_counter()
-    sha256, _ = _hash_file(path, st.st_size, git=False)
+    sha256 = sha256_file(path)
     if stats is not None:
         stats.hashed += 1
         stats.hashed_bytes += st.st_size

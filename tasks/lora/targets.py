@@ -29,7 +29,6 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from typing import Any
 
 from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
 from lora_prep.tasks.lora.config import config_for, lora_config, out_of_peft_conversion
@@ -45,7 +44,7 @@ from lora_prep.tasks.model.anatomy import (
     under,
     wrappable,
 )
-from lora_prep.tasks.records.plan import TargetPlan
+from lora_prep.tasks.records.plan import TargetPlan, module_leaves, parameter_leaves
 from lora_prep.tasks.settings import DEFAULT_DROPOUT, PRESETS, LoraSettings
 
 _NAMES_SHOWN = 12  # targetable names listed in an error, to keep it one readable line
@@ -74,7 +73,7 @@ def _unknown(field: str, entry: str, candidates: list[str], kind: str) -> str:
 
 
 def _short(names: list[str]) -> str:
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    short = module_leaves(names)
     more = f" and {len(short) - _NAMES_SHOWN} more" if len(short) > _NAMES_SHOWN else ""
     return ", ".join(short[:_NAMES_SHOWN]) + more
 
@@ -142,7 +141,7 @@ def _dropout(lora: LoraSettings, parameters: list[str]) -> tuple[float, str]:
         if lora.dropout is None:
             return DEFAULT_DROPOUT, f"{DEFAULT_DROPOUT}: the default"
         return lora.dropout, f"{lora.dropout}: set by lora.dropout"
-    leaves = ", ".join(sorted({p.rsplit(".", 1)[-1] if p.count(".") and not p.endswith(".weight") else p.split(".")[-2] for p in parameters}))
+    leaves = ", ".join(parameter_leaves(parameters))
     if lora.dropout is None:
         return 0.0, (f"0: the targets include {len(parameters)} parameters LoRA wraps directly (fused expert parameters and "
                      f"the like: {leaves}), and PEFT cannot apply dropout to those (lora.ParamWrapper needs lora_dropout=0); "
@@ -234,13 +233,3 @@ def plan_targets(model, lora: LoraSettings) -> TargetPlan:
     return targets.model_copy(update={"trainable_params": int(trainable), "total_params": int(total)})
 
 
-def describe(targets: TargetPlan) -> dict[str, Any]:
-    """Counts and leaf names, for the plan report, the manifest summary and MLflow params."""
-    return {
-        "modules": len(targets.target_modules),
-        "module_leaves": sorted({t.rsplit(".", 1)[-1] for t in targets.target_modules}),
-        "expert_parameters": len(targets.target_parameters),
-        "expert_parameter_leaves": targets.expert_parameter_leaves,
-        "excluded": len(targets.excluded),
-        "trainable_params": targets.trainable_params,
-    }

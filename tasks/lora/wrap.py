@@ -119,8 +119,8 @@ def wrap_lora(model, lora: LoraSettings, targets: TargetPlan | None = None, *, e
     embedding_targeted = any(isinstance(modules[t], torch.nn.Embedding) for t in targets.target_modules)
     save_embeddings = embeddings_resized or embedding_targeted
     notes: list[str] = []
-    if targets.dropout_reason.startswith("0: the targets include"):  # said once, in the run log
-        notes.append(f"lora.dropout {targets.dropout_reason}")
+    if targets.dropout_reason.startswith("0: the targets include"):  # a decision, not a problem: the summary shows it too
+        log.info("lora.dropout %s", targets.dropout_reason)
 
     config = config_for(lora, targets)
     try:

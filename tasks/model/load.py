@@ -5,7 +5,7 @@ files the download stage verified (a local directory, ``local_files_only``),
 with the plan's dtype, placement, attention kernel and quantization, and
 returns the model, the tokenizer and a ``LoadReport`` of what was actually
 used. It is called inside the build task only: the model never crosses a
-task boundary (PITFALLS: Prefect pickles task inputs to hash them).
+task boundary (Prefect pickles task inputs to hash them for its cache keys).
 
 Memory: one copy of the weights. transformers 5 memory-maps safetensors and
 places each tensor where ``device_map`` says while reading it; nothing here
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from lora_prep.tasks.errors import InvalidInput
+from lora_prep.tasks.hub.selection import snapshot_weight_format
 from lora_prep.tasks.model.tokenizer import (
     check_remote_code,
     fit_embeddings_to_tokenizer,
     load_tokenizer,
-    weights_format,
 )
 from lora_prep.tasks.records.build import LoadReport
 from lora_prep.tasks.records.plan import LoadPlan
@@ -180,7 +180,7 @@ def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, all
     # cannot switch it on alone.
     trusted = bool(plan.trust_remote_code and settings.trust_remote_code)
     check_remote_code(snapshot, trusted)
-    safetensors_only = weights_format(snapshot, allow_pickle)
+    safetensors_only = snapshot_weight_format(snapshot, allow_pickle) == "safetensors"
 
     quantization_config = bnb_config(plan)
     if quantization_config is not None:

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lora_prep.tasks.errors import EntryNotFound, PickleRefused, RemoteCodeRefused
+from lora_prep.tasks.errors import RemoteCodeRefused
+from lora_prep.tasks.hub.selection import ships_code
 
 # A pad token added to the vocabulary (only when no usable one exists; see choose_pad_token).
 NEW_PAD_TOKEN = "<|pad|>"
@@ -37,31 +38,13 @@ def _read_json(path: Path) -> dict:
 
 def check_remote_code(snapshot: Path, trusted: bool) -> None:
     """Refuse a snapshot that ships its own code unless the plan trusts it (the planner already refused; this is defence in depth)."""
-    shipping = [name for name in ("config.json", "tokenizer_config.json") if _read_json(snapshot / name).get("auto_map")]
+    shipping = [name for name in ("config.json", "tokenizer_config.json") if ships_code(_read_json(snapshot / name))]
     if shipping and not trusted:
         raise RemoteCodeRefused(
             f"{snapshot} ships its own Python code ({', '.join(shipping)} has auto_map) and the load plan does not trust it: "
             "read that code, then plan again with --trust-remote-code and --revision <full commit sha>",
             snapshot_dir=str(snapshot),
         )
-
-
-def weights_format(snapshot: Path, allow_pickle: bool) -> bool:
-    """True to load safetensors only; False for a pickle-only snapshot that the caller allows. Raises otherwise."""
-    if any(snapshot.glob("*.safetensors")):
-        return True
-    if any(snapshot.glob("pytorch_model*.bin")):
-        if allow_pickle:
-            return False
-        raise PickleRefused(
-            f"{snapshot} holds only pickle weights (pytorch_model*.bin), which can run code when loaded: "
-            "allow them with --allow-pickle (source.allow_pickle=true) for a repo you trust",
-            snapshot_dir=str(snapshot),
-        )
-    raise EntryNotFound(
-        f"{snapshot} has no model weights (*.safetensors or pytorch_model*.bin): download the snapshot again",
-        snapshot_dir=str(snapshot),
-    )
 
 
 # --- tokenizer and pad token --------------------------------------------------------

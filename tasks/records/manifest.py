@@ -130,12 +130,6 @@ class Manifest(Record):
 
         return write_atomic(Path(artifact_dir) / MANIFEST, self.to_json())
 
-    def summary(self) -> str:
-        """One line for logs and CLI output: base, targets, parameters."""
-        t = self.lora.targets
-        experts = f" + {len(t.target_parameters)} expert parameters" if t.target_parameters else ""
-        return (f"{self.base_model.name_or_path}@{(self.base_model.commit_sha or self.base_model.content_digest)[:12]}: "
-                f"LoRA on {len(t.target_modules)} modules{experts}, {self.parameters.trainable:,} trainable of {self.parameters.total:,}")
 
 
 def read_manifest(artifact_dir: str | Path) -> Manifest:

@@ -13,6 +13,17 @@ from lora_prep.tasks.settings import LoraSettings
 PlanDtype = Literal["bfloat16", "float16", "float32"]
 
 
+def module_leaves(names: list[str]) -> list[str]:
+    """Module names as every summary shows them: their last part (q_proj, down_proj), once each."""
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def parameter_leaves(names: list[str]) -> list[str]:
+    """Parameter targets as every summary shows them: gate_up_proj for a fused expert parameter,
+    mlp.gate_proj.weight for a module's weight targeted directly (the part that says which module)."""
+    return sorted({".".join(n.split(".")[-3:]) if n.endswith(".weight") else n.rsplit(".", 1)[-1] for n in names})
+
+
 class LoadPlan(Record):
     """How tasks/model/load.py loads the model, with the reason for each choice. JSON in, JSON out."""
 
@@ -50,13 +61,11 @@ class TargetPlan(Record):
 
     @property
     def module_leaves(self) -> list[str]:
-        """Short names of the module targets (q_proj, down_proj, ...), the way every summary shows them."""
-        return sorted({m.rsplit(".", 1)[-1] for m in self.target_modules})
+        return module_leaves(self.target_modules)
 
     @property
     def expert_parameter_leaves(self) -> list[str]:
-        """Short names of the parameter targets: gate_up_proj for a fused expert, mlp.gate_proj.weight for a module's weight."""
-        return sorted({".".join(p.split(".")[-3:]) if p.endswith(".weight") else p.rsplit(".", 1)[-1] for p in self.target_parameters})
+        return parameter_leaves(self.target_parameters)
 
 
 class Plan(Record):

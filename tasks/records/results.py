@@ -17,6 +17,7 @@ class TrackingResult(Record):
     experiment_id: str
     run_id: str
     run_url: str | None
+    open_with: str = Field(description="How a person opens the run: its URL, or for a SQLite store the `mlflow ui` command and the URL it serves.")
     logged_model_id: str | None
     model_uri: str | None
     registered_version: str | None
@@ -35,6 +36,7 @@ class PreparedModel(Record):
     mlflow_run_id: str
     mlflow_tracking_uri: str
     mlflow_run_url: str | None
+    mlflow_open: str = Field(default="", description="How a person opens the MLflow run (a URL, or the `mlflow ui` command and its URL).")
     model_uri: str | None
     total_params: int
     trainable_params: int
@@ -53,7 +55,7 @@ class PreparedModel(Record):
         return cls(
             artifact_dir=built.artifact_dir, repo_id=facts.repo_id, source=facts.source, revision=revision,
             commit_sha=snapshot.commit_sha, content_digest=snapshot.content_digest,
-            mlflow_run_id=tracked.run_id, mlflow_tracking_uri=tracked.tracking_uri, mlflow_run_url=tracked.run_url,
+            mlflow_run_id=tracked.run_id, mlflow_tracking_uri=tracked.tracking_uri, mlflow_run_url=tracked.run_url, mlflow_open=tracked.open_with,
             model_uri=tracked.model_uri, total_params=built.total_params, trainable_params=built.trainable_params,
             target_modules=built.target_modules, target_parameters=built.target_parameters,
             bytes_downloaded=snapshot.bytes_transferred, from_cache=snapshot.from_cache, offline=snapshot.offline,

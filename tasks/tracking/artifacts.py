@@ -34,6 +34,7 @@ from lora_prep.tasks.tracking.runs import (
     preparation_tags,
     run_url,
     tag,
+    where_to_open,
 )
 from lora_prep.tasks.tracking.store import client, mlflow_errors, resolve_tracking_uri
 
@@ -128,7 +129,7 @@ def log_artifact_run(artifact_dir: Path, settings: TrackingSettings, tags: dict[
             except Exception:  # the store is what failed; the reaper closes it later
                 pass
         raise
-    return TrackingResult(tracking_uri=uri, experiment_id=experiment, run_id=run_id, run_url=url,
+    return TrackingResult(tracking_uri=uri, experiment_id=experiment, run_id=run_id, run_url=url, open_with=where_to_open(uri, experiment, run_id),
                           logged_model_id=model.model_id, model_uri=model_uri, registered_version=version)
 
 

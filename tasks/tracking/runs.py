@@ -123,14 +123,19 @@ def metric(key: str, value: float, step: int = 0) -> Any:
 # --- where a person opens a run ----------------------------------------------------------------------
 
 
-def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
-    """A link a person can open: only a tracking server has one (a SQLite store: see ui_command).
+# The address `mlflow ui` serves by default (its --host and --port).
+LOCAL_UI = "http://127.0.0.1:5000"
 
-    ``workflowType=machine_learning``: MLflow 3.17's UI defaults to its GenAI view, where this run
-    would be listed among "evaluation runs"; the parameter opens the model-training view."""
-    if not is_server(uri):
-        return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+def _run_path(experiment_id: str, run_id: str) -> str:
+    # workflowType=machine_learning: MLflow 3.17's UI opens its GenAI view otherwise (a per-browser setting,
+    # whatever mlflow.experimentKind says), where this run would be listed among "evaluation runs".
+    return f"/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """A link that works now: only a tracking server has one (a SQLite store: see where_to_open)."""
+    return f"{uri.rstrip('/')}{_run_path(experiment_id, run_id)}" if is_server(uri) else None
 
 
 def ui_command(uri: str) -> str | None:
@@ -140,8 +145,13 @@ def ui_command(uri: str) -> str | None:
     return None
 
 
-def where_to_open(uri: str, url: str | None) -> str:
-    return url or (f"`{ui_command(uri)}`" if ui_command(uri) else uri)
+def where_to_open(uri: str, experiment_id: str, run_id: str) -> str:
+    """A server's run URL; for a SQLite store, the command that serves it and the run's URL there."""
+    url = run_url(uri, experiment_id, run_id)
+    if url:
+        return url
+    command = ui_command(uri)
+    return f"{command}, then {LOCAL_UI}{_run_path(experiment_id, run_id)}" if command else uri
 
 
 # --- queries ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 - ``resolve_tracking_uri``: the setting, else MLFLOW_TRACKING_URI, else the per-user SQLite file.
 - ``client(uri)``: an ``MlflowClient`` for that store. A SQLite store is created and migrated
   under an inter-process file lock taken *before* any client object exists (building a client
-  is what migrates, PITFALLS); later writers wait on SQLite's busy timeout instead of failing.
+  is what migrates); later writers wait on SQLite's busy timeout instead of failing.
 - ``bounded(uri)``: lora-prep's own retry budget for its calls. MLflow's HTTP client retries 7
   times with backoff up to 2 minutes by default (one call to a dead server: ~4 min); inside
   ``bounded`` our calls make at most 3 attempts 1 s apart with a 10 s timeout, an http(s) store
@@ -25,12 +25,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from lora_prep.tasks.common.causes import causes
 from lora_prep.tasks.common.paths import (
     default_mlflow_artifact_root,
     default_tracking_uri,
 )
-from lora_prep.tasks.errors import TrackingUnavailable
-from lora_prep.tasks.settings import TrackingSettings
+from lora_prep.tasks.errors import InvalidInput, TrackingUnavailable
+from lora_prep.tasks.settings import TrackingSettings, tracking_uri_problem
 
 # Our budget per MLflow HTTP call (the user's exported values win): 3 attempts, 1-2 s apart, 30 s each
 # (artifact uploads share the timeout, so not less). A refused connection fails in ~2.5 s (measured);
@@ -52,6 +53,23 @@ _INIT_LOCK_TIMEOUT_S = 300  # a first migration takes seconds; a stuck one is a 
 def resolve_tracking_uri(settings: TrackingSettings | None = None) -> str:
     """The flow parameter, else MLFLOW_TRACKING_URI, else the per-user SQLite file."""
     return (settings.tracking_uri if settings else None) or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse, before any weight moves, a tracking URI MLflow cannot use: its scheme (the rule beside the
+    setting), and for a database the driver SQLAlchemy would load for it (e.g. psycopg2 for postgresql://)."""
+    problem = tracking_uri_problem(uri)
+    if problem is None and not uri.startswith(("sqlite:", "http:", "https:", "databricks", "uc:")):
+        try:
+            from sqlalchemy.engine import make_url
+
+            make_url(uri).get_dialect().import_dbapi()
+        except ImportError as exc:
+            problem = f"tracking URI {uri!r} needs the database driver {exc.name or 'for its scheme'}, which is not installed: install it (e.g. pip install psycopg2-binary for postgresql://)"
+        except Exception as exc:  # a malformed URL: SQLAlchemy's own words
+            problem = f"tracking URI {uri!r} is not a database URL SQLAlchemy can read ({type(exc).__name__}: {exc})"
+    if problem:
+        raise InvalidInput(problem + ".", tracking_uri=uri)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -135,16 +153,12 @@ def is_connection_problem(exc: BaseException) -> bool:
     import requests
     from mlflow.exceptions import MlflowException
 
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
-                            ConnectionError, TimeoutError, TrackingUnavailable)):
-            return True
-        if isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE":  # "database is locked"
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    transport = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
+                 ConnectionError, TimeoutError, TrackingUnavailable)
+    return any(
+        isinstance(e, transport) or (isinstance(e, MlflowException) and e.error_code == "TEMPORARILY_UNAVAILABLE")  # "database is locked"
+        for e in causes(exc)
+    )
 
 
 @contextlib.contextmanager
@@ -179,11 +193,26 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@contextlib.contextmanager
+def _quiet_migrations() -> Iterator[None]:
+    """MLflow announces a new store's tables on its own console handler ("Creating initial MLflow database
+    tables...", alembic's steps): between a run's progress bars that is noise; warnings still show."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
+
+
 def init_sqlite_store(uri: str) -> None:
     """Create or migrate a SQLite store, one process at a time, before any other client touches it.
 
     Several processes migrating a new store at once collide ("duplicate column name",
-    "table ... already exists") and can leave it half-migrated (PITFALLS). The lock is taken
+    "table ... already exists") and can leave it half-migrated. The lock is taken
     before the first client object is built; inside it, one process builds both stores (the
     tracking store and the model registry) and switches the database to WAL, so readers never
     block the one writer; the others find the work done.
@@ -195,7 +224,7 @@ def init_sqlite_store(uri: str) -> None:
 
     db = sqlite_path(uri)
     db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db) + ".init.lock", timeout=_INIT_LOCK_TIMEOUT_S):
+    with FileLock(str(db) + ".init.lock", timeout=_INIT_LOCK_TIMEOUT_S), _quiet_migrations():
         probe = MlflowClient(tracking_uri=uri, registry_uri=uri)
         probe.search_experiments(max_results=1)  # tracking store: tables created or migrated
         probe.search_registered_models(max_results=1)  # registry store, likewise

@@ -111,3 +111,28 @@ def test_the_dry_run_refuses_the_same_inputs_and_writes_nothing(capsys, hub, hf_
                          "--target-modules", "nope")
     assert code == 2 and "nope" in line
     assert set(os.listdir(tmp_path)) == before  # the dry run creates no output directory
+
+
+@pytest.mark.parametrize("uri", ["file:///{tmp}/mlruns", "ftp://x", "{tmp}/mlruns"], ids=["file-store", "ftp", "bare-path"])
+def test_a_tracking_uri_mlflow_cannot_use_is_refused_where_it_is_declared(capsys, hub, hf_cache, tmp_path, uri):
+    uri = uri.format(tmp=tmp_path)
+    code, line, _ = _run(capsys, "prepare", "tiny/gpt2", "--cache-dir", str(hf_cache), "--tracking-uri", uri, "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and uri in line and "sqlite:///" in line
+    assert hub.body_bytes("*/tiny/gpt2/*") == 0  # refused with the settings: not even a header read
+
+
+def test_a_tracking_uri_from_the_environment_is_refused_at_plan_time(capsys, hub, hf_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    code, line, _ = _run(capsys, "prepare", "tiny/gpt2", "--cache-dir", str(hf_cache), "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and "file store" in line
+    assert _weight_bytes(hub, "tiny/gpt2") <= HEADER_READ
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_tracking_uri_through_the_prefect_api_fails_the_flow_run_before_any_stage(hub, hf_cache, tmp_path):
+    from lora_prep.flows.prepare_model import prepare_model
+
+    state = prepare_model("tiny/gpt2", source={"cache_dir": str(hf_cache)}, tracking={"tracking_uri": "ftp://x"},
+                          output={"output_dir": str(tmp_path / "out")}, return_state=True)
+    assert state.is_failed() and "ftp" in state.message
+    assert hub.requests("*/tiny/gpt2/*") == 0 and not (tmp_path / "out").exists()
