@@ -11,7 +11,7 @@ MODEL ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: prepare test setup bench clean-venv
+.PHONY: prepare test setup bench lint clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,17 @@ prepare: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Lint, format and types of the product code (lora_prep/, flows/, tasks/, deployments/); .ci/run runs it before the tests.
+# mypy reads a package by its folders: build/typecheck/lora_prep lays the installed layout out with symlinks.
+PRODUCT := lora_prep flows tasks deployments
+lint: $(STAMP)
+	$(BIN)/ruff check $(PRODUCT) tests bench
+	$(BIN)/ruff format --check $(PRODUCT)
+	@rm -rf build/typecheck && mkdir -p build/typecheck/lora_prep
+	@for f in lora_prep/*.py; do ln -s ../../../$$f build/typecheck/lora_prep/; done
+	@for d in flows tasks deployments; do ln -s ../../../$$d build/typecheck/lora_prep/$$d; done
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py --runs $(or $(N),3)

@@ -42,14 +42,21 @@ def crash_zombie_flow_runs(within_seconds: int = 90):
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=within_seconds),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"No heartbeat for {within_seconds} s: flow run process presumed dead.")],
+        actions=[
+            ChangeFlowRunState(state=StateType.CRASHED, message=f"No heartbeat for {within_seconds} s: flow run process presumed dead.")
+        ],
     ).create()
 
 

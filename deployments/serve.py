@@ -71,17 +71,19 @@ def runner_deployments(spec: dict[str, Any] | None = None) -> list:
     out = []
     for entry in spec.get("deployments") or []:
         flow = load_flow(entry["entrypoint"])
-        out.append(flow.to_deployment(
-            name=entry["name"],
-            description=entry.get("description"),
-            tags=entry.get("tags"),
-            parameters=entry.get("parameters") or {},
-            schedules=_schedules(entry.get("schedules")),
-            triggers=_triggers(entry.get("triggers")),
-            concurrency_limit=_concurrency(entry.get("concurrency_limit")),
-            enforce_parameter_schema=entry.get("enforce_parameter_schema", True),
-            entrypoint_type=EntrypointType.MODULE_PATH,  # as prefect.yaml: an installed wheel is enough
-        ))
+        out.append(
+            flow.to_deployment(
+                name=entry["name"],
+                description=entry.get("description"),
+                tags=entry.get("tags"),
+                parameters=entry.get("parameters") or {},
+                schedules=_schedules(entry.get("schedules")),
+                triggers=_triggers(entry.get("triggers")),
+                concurrency_limit=_concurrency(entry.get("concurrency_limit")),
+                enforce_parameter_schema=entry.get("enforce_parameter_schema", True),
+                entrypoint_type=EntrypointType.MODULE_PATH,  # as prefect.yaml: an installed wheel is enough
+            )
+        )
     return out
 
 

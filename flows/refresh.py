@@ -49,14 +49,24 @@ def refresh_model(
         reason = f"commit {facts.commit_sha[:12]} already prepared by MLflow run {existing.run_id}"
         get_run_logger().info("%s@%s unchanged: %s; nothing to do.", model_id, revision, reason)
         return RefreshResult(
-            model_id=model_id, revision=revision, commit_sha=facts.commit_sha, prepared=False, reason=reason,
-            mlflow_run_id=existing.run_id, artifact_dir=existing.artifact_dir,
+            model_id=model_id,
+            revision=revision,
+            commit_sha=facts.commit_sha,
+            prepared=False,
+            reason=reason,
+            mlflow_run_id=existing.run_id,
+            artifact_dir=existing.artifact_dir,
         )
     # The subflow gets the revision as asked (its run records "main", not only a sha). Should the branch move again
     # in between, it prepares the newer commit, which is what a refresh is for; the result names that commit.
     prepared = prepare_model(model_id=model_id, revision=revision, source=source, load=load, lora=lora, tracking=tracking, output=output)
     reason = "forced" if force else f"no finished preparation of commit {facts.commit_sha[:12]} in experiment {tracking.experiment!r}"
     return RefreshResult(
-        model_id=model_id, revision=revision, commit_sha=prepared.commit_sha, prepared=True, reason=reason,
-        mlflow_run_id=prepared.mlflow_run_id, artifact_dir=prepared.artifact_dir,
+        model_id=model_id,
+        revision=revision,
+        commit_sha=prepared.commit_sha,
+        prepared=True,
+        reason=reason,
+        mlflow_run_id=prepared.mlflow_run_id,
+        artifact_dir=prepared.artifact_dir,
     )

@@ -38,8 +38,9 @@ PREPARE_TIMEOUT_S = 12 * 3600  # the prepare flow's own timeout
 # --- stage 1: prepare, or find a preparation ---------------------------------------------
 
 
-def _prepare(model_id: str | None, revision: str, prepare: str, prepare_deployment: str, prepared_flow_run_id: str | None,
-             settings: dict[str, Any]) -> Prepared:
+def _prepare(
+    model_id: str | None, revision: str, prepare: str, prepare_deployment: str, prepared_flow_run_id: str | None, settings: dict[str, Any]
+) -> Prepared:
     """Stage 1 in its three forms; runs in the flow (a subflow call cannot live in a task)."""
     tracking: TrackingSettings = settings["tracking"]
     if prepared_flow_run_id:

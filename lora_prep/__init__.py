@@ -35,8 +35,17 @@ _API = {
 }
 
 __all__ = [
-    "AdapterReady", "LoadSettings", "LoraPrepError", "LoraSettings", "Manifest", "OutputSettings", "PreparedModel",
-    "SourceSettings", "TrackingSettings", "load_adapter_ready", "prepare_model",
+    "AdapterReady",
+    "LoadSettings",
+    "LoraPrepError",
+    "LoraSettings",
+    "Manifest",
+    "OutputSettings",
+    "PreparedModel",
+    "SourceSettings",
+    "TrackingSettings",
+    "load_adapter_ready",
+    "prepare_model",
 ]
 assert set(__all__) == set(_API)
 

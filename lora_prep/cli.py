@@ -122,8 +122,9 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from lora_prep.tasks.artifact.summary import as_text, plan_rows
 
     model: ModelReference = settings["model"]
-    report = dry_run(model.model_id, model.revision, settings["source"], settings["load"], settings["lora"], settings["output"],
-                     settings["tracking"])
+    report = dry_run(
+        model.model_id, model.revision, settings["source"], settings["load"], settings["lora"], settings["output"], settings["tracking"]
+    )
     print(report.model_dump_json() if args.json else as_text(plan_rows(report)))
     return EXIT_OK if report.fits else 2
 
@@ -140,8 +141,14 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     from lora_prep.tasks.artifact.load_back import load_adapter_ready
 
     artifact: LoadBackSettings = settings["artifact"]
-    loaded = load_adapter_ready(artifact.ref, trainable=artifact.trainable, tracking_uri=settings["tracking"].tracking_uri,
-                                source=settings["source"], trust_remote_code=artifact.trust_remote_code, base=artifact.base)
+    loaded = load_adapter_ready(
+        artifact.ref,
+        trainable=artifact.trainable,
+        tracking_uri=settings["tracking"].tracking_uri,
+        source=settings["source"],
+        trust_remote_code=artifact.trust_remote_code,
+        base=artifact.base,
+    )
     summary = loaded.summary()
     print(json.dumps(summary) if args.json else "\n".join(f"{k:<18} {v}" for k, v in summary.items()))
     return EXIT_OK
@@ -200,29 +207,67 @@ class Command:
 
 
 _MODEL = Section("model", ModelReference, positional=("model_id",))
-_EVERY_SETTING = (_MODEL, Section("source", SourceSettings), Section("load", LoadSettings), Section("lora", LoraSettings),
-                  Section("tracking", TrackingSettings), Section("output", OutputSettings))
+_EVERY_SETTING = (
+    _MODEL,
+    Section("source", SourceSettings),
+    Section("load", LoadSettings),
+    Section("lora", LoraSettings),
+    Section("tracking", TrackingSettings),
+    Section("output", OutputSettings),
+)
 COMMANDS = (
-    Command("prepare", cmd_prepare, "run the prepare flow: resolve, plan, download, load, wrap with LoRA, check, save, log to MLflow",
-            _EVERY_SETTING),
-    Command("plan", cmd_plan, "dry run: what prepare would fetch, how it would load and what gets LoRA, without downloading weights",
-            _EVERY_SETTING),
+    Command(
+        "prepare",
+        cmd_prepare,
+        "run the prepare flow: resolve, plan, download, load, wrap with LoRA, check, save, log to MLflow",
+        _EVERY_SETTING,
+    ),
+    Command(
+        "plan",
+        cmd_plan,
+        "dry run: what prepare would fetch, how it would load and what gets LoRA, without downloading weights",
+        _EVERY_SETTING,
+    ),
     Command("probe", cmd_probe, "show what this machine can do", (Section("source", SourceSettings, fields=("cache_dir",)),)),
-    Command("load", cmd_load, "load an artifact (directory, runs:/ or models:/ URI) back and describe it",
-            (Section("artifact", LoadBackSettings, positional=("ref",)), Section("source", SourceSettings),
-             Section("tracking", TrackingSettings, fields=("tracking_uri",)))),
-    Command("log", cmd_log, "log an existing artifact directory to MLflow (e.g. after MLflow was unreachable), into its preparation's run",
-            (Section("artifact", ArtifactDirectory, positional=("artifact_dir",)), Section("tracking", TrackingSettings))),
-    Command("doctor", cmd_doctor, "close what crashed runs left: MLflow runs and Prefect flow runs of dead processes, partial files",
-            (Section("tracking", TrackingSettings, fields=("tracking_uri", "experiment")), Section("output", OutputSettings, fields=("output_dir",)))),
-    Command("server", cmd_server, "the local Prefect server runs share when PREFECT_API_URL is unset: start | status | stop",
-            (Section("server", ServerAction, positional=("action",)),)),
+    Command(
+        "load",
+        cmd_load,
+        "load an artifact (directory, runs:/ or models:/ URI) back and describe it",
+        (
+            Section("artifact", LoadBackSettings, positional=("ref",)),
+            Section("source", SourceSettings),
+            Section("tracking", TrackingSettings, fields=("tracking_uri",)),
+        ),
+    ),
+    Command(
+        "log",
+        cmd_log,
+        "log an existing artifact directory to MLflow (e.g. after MLflow was unreachable), into its preparation's run",
+        (Section("artifact", ArtifactDirectory, positional=("artifact_dir",)), Section("tracking", TrackingSettings)),
+    ),
+    Command(
+        "doctor",
+        cmd_doctor,
+        "close what crashed runs left: MLflow runs and Prefect flow runs of dead processes, partial files",
+        (
+            Section("tracking", TrackingSettings, fields=("tracking_uri", "experiment")),
+            Section("output", OutputSettings, fields=("output_dir",)),
+        ),
+    ),
+    Command(
+        "server",
+        cmd_server,
+        "the local Prefect server runs share when PREFECT_API_URL is unset: start | status | stop",
+        (Section("server", ServerAction, positional=("action",)),),
+    ),
     Command("serve", cmd_serve, "serve the prepare and training deployments from this process (no work pool)", json=False),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora-prep", description="Prepare Hugging Face models for LoRA fine-tuning, tracked in MLflow, orchestrated by Prefect.")
+    parser = _Parser(
+        prog="lora-prep", description="Prepare Hugging Face models for LoRA fine-tuning, tracked in MLflow, orchestrated by Prefect."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and every log record")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in COMMANDS:

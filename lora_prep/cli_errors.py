@@ -27,8 +27,10 @@ def classify(exc: BaseException) -> BaseException:
         from lora_prep.tasks.errors import OrchestratorUnavailable
 
         url = PREFECT_API_URL.value() or "the embedded server"
-        return OrchestratorUnavailable(f"the Prefect API at {url} does not answer ({type(exc).__name__}): start it "
-                                       "(prefect server start) or unset PREFECT_API_URL to use lora-prep's local server.")
+        return OrchestratorUnavailable(
+            f"the Prefect API at {url} does not answer ({type(exc).__name__}): start it "
+            "(prefect server start) or unset PREFECT_API_URL to use lora-prep's local server."
+        )
     from lora_prep.tasks.tracking.store import is_connection_problem
 
     if is_connection_problem(exc):

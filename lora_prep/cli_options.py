@@ -129,8 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser, sections: list[Section]) -> N
         for name, field in section.items():
             if name in section.positional:
                 members = _members(field.annotation)
-                parser.add_argument(f"{section.name}{_SEP}{name}", metavar=name, choices=_choices(members), type=_converter(members),
-                                    help=_help(field))
+                parser.add_argument(
+                    f"{section.name}{_SEP}{name}", metavar=name, choices=_choices(members), type=_converter(members), help=_help(field)
+                )
     for section in sections:
         options = [(n, f) for n, f in section.items() if n not in section.positional]
         if not options:
@@ -145,7 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser, sections: list[Section]) -> N
                 continue
             choices = _choices(members)
             metavar = "|".join(choices) if choices else name.upper()
-            group.add_argument(*flags, dest=dest, default=None, type=_converter(members), choices=choices, metavar=metavar, help=_help(field))
+            group.add_argument(
+                *flags, dest=dest, default=None, type=_converter(members), choices=choices, metavar=metavar, help=_help(field)
+            )
 
 
 def covered_fields(parser: argparse.ArgumentParser) -> set[tuple[str, str]]:
@@ -175,7 +178,11 @@ def settings_from_args(args: argparse.Namespace, sections: list[Section]) -> dic
 
 def field_problem(section: str, err: dict[str, Any]) -> str:
     """'lora.r: Input should be greater than 0 (got -1); set --r'."""
-    parts = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")) and p not in ("str", "list[str]", "bool", "int", "float")]
+    parts = [
+        str(p)
+        for p in err["loc"]
+        if not str(p).startswith(("function-", "literal[")) and p not in ("str", "list[str]", "bool", "int", "float")
+    ]
     field = parts[0] if parts else ""
     where = f"{section}.{'.'.join(parts)}" if parts else section
     message = err["msg"].removeprefix("Value error, ").rstrip(".")

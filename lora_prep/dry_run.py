@@ -19,12 +19,22 @@ def _cached(facts: RepoFacts, cache_dir: str | None) -> list[str]:
         return list(facts.selected)
     from huggingface_hub import try_to_load_from_cache
 
-    return [p for p in facts.selected
-            if isinstance(try_to_load_from_cache(facts.repo_id, p, cache_dir=cache_dir, revision=facts.commit_sha), str)]
+    return [
+        p
+        for p in facts.selected
+        if isinstance(try_to_load_from_cache(facts.repo_id, p, cache_dir=cache_dir, revision=facts.commit_sha), str)
+    ]
 
 
-def dry_run(model_id: str, revision: str, source: SourceSettings, load: LoadSettings, lora: LoraSettings,
-            output: OutputSettings = OutputSettings(), tracking: TrackingSettings = TrackingSettings()) -> PlanReport:
+def dry_run(
+    model_id: str,
+    revision: str,
+    source: SourceSettings,
+    load: LoadSettings,
+    lora: LoraSettings,
+    output: OutputSettings = OutputSettings(),
+    tracking: TrackingSettings = TrackingSettings(),
+) -> PlanReport:
     """The prepare flow's first three stages, called as the flow calls them (their plain functions), and the report."""
     from lora_prep.tasks.hub.env import cache_dir_for
     from lora_prep.tasks.plan import plan
@@ -37,12 +47,22 @@ def dry_run(model_id: str, revision: str, source: SourceSettings, load: LoadSett
     sizes = {f.path: f.size for f in facts.files}
     cached = set(_cached(facts, cache_dir_for(source)))
     return PlanReport(
-        repo_id=facts.repo_id, source=facts.source, revision=revision, commit_sha=facts.commit_sha,
+        repo_id=facts.repo_id,
+        source=facts.source,
+        revision=revision,
+        commit_sha=facts.commit_sha,
         files=[PlannedFile(path=p, bytes=sizes.get(p, 0), cached=p in cached) for p in facts.selected],
-        bytes_total=facts.selected_bytes, bytes_to_download=sum(sizes.get(p, 0) for p in facts.selected if p not in cached),
-        files_cached=len(cached), param_count=facts.param_count, stored_dtypes=facts.stored_dtypes,
-        disk_free_bytes=profile.disk_free_bytes, lora=lora, plan=planned.load, targets=planned.targets,
-        artifact_parent=planned.artifact_parent, fits=planned.load.fits,
+        bytes_total=facts.selected_bytes,
+        bytes_to_download=sum(sizes.get(p, 0) for p in facts.selected if p not in cached),
+        files_cached=len(cached),
+        param_count=facts.param_count,
+        stored_dtypes=facts.stored_dtypes,
+        disk_free_bytes=profile.disk_free_bytes,
+        lora=lora,
+        plan=planned.load,
+        targets=planned.targets,
+        artifact_parent=planned.artifact_parent,
+        fits=planned.load.fits,
         refusal=None if planned.load.fits else planned.load.reasons["fit"].removeprefix("does not fit: "),
         memory_estimate_bytes=planned.load.estimate_bytes + planned.load.overhead_bytes,
         memory_available_bytes=planned.load.available_bytes,

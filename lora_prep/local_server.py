@@ -91,7 +91,10 @@ def ensure() -> str:
         with open(log_file, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "lora_prep.local_server", "--port", str(port)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 # Our server: no telemetry banner on the user's console, nothing sent home from it.
                 env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
             )

@@ -42,8 +42,11 @@ class PrefectApi:
         # An HTTP error status means the server answered but kept failing (overloaded, or its database is).
         how = "kept failing" if what.startswith("HTTP ") else "stopped answering"
         close_runs_of_this_process(tracking, f"the Prefect API at {self.url} {how}")
-        fix = ("start it again (prefect server start), or unset PREFECT_API_URL to use lora-prep's local server"
-               if self.kind == "external" else "run again: lora-prep starts its local server anew")
+        fix = (
+            "start it again (prefect server start), or unset PREFECT_API_URL to use lora-prep's local server"
+            if self.kind == "external"
+            else "run again: lora-prep starts its local server anew"
+        )
         if how == "kept failing":
             fix = "look at the Prefect server's log; a SQLite-backed server under many runs at once wants PostgreSQL; " + fix
         return OrchestratorUnavailable(
@@ -56,7 +59,9 @@ class PrefectApi:
         """Call the flow; a Prefect API that stops answering becomes OrchestratorUnavailable."""
         done = threading.Event()
         if self.url and self.url.startswith("http"):
-            threading.Thread(target=self._watch, args=(done, parameters.get("tracking")), name="lora-prep-prefect-watchdog", daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(done, parameters.get("tracking")), name="lora-prep-prefect-watchdog", daemon=True
+            ).start()
         from prefect import tags
 
         from lora_prep.tasks.tracking.reaper import process_flow_run_tags

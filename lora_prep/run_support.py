@@ -73,8 +73,11 @@ def publish_run_artifacts(result: PreparedModel, plan: Plan) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     # Artifact keys: lowercase letters, digits and dashes only.
-    create_markdown_artifact(key="prepare-summary", markdown=_summary_markdown(result, plan),
-                             description=f"{result.repo_id}@{(result.commit_sha or result.content_digest)[:12]}")
+    create_markdown_artifact(
+        key="prepare-summary",
+        markdown=_summary_markdown(result, plan),
+        description=f"{result.repo_id}@{(result.commit_sha or result.content_digest)[:12]}",
+    )
     if result.mlflow_run_url:  # only where a server answers at that URL (tasks/tracking/runs.py run_url)
         create_link_artifact(key="mlflow-run", link=result.mlflow_run_url, link_text=f"MLflow run {result.mlflow_run_id}")
 
@@ -100,6 +103,6 @@ def prefect_record() -> PrefectRecord:
     """The current flow run, for the manifest."""
     from prefect.runtime import deployment, flow_run
 
-
-    return PrefectRecord(flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name),
-                         deployment_name=str(deployment.name) if deployment.id else None)
+    return PrefectRecord(
+        flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name), deployment_name=str(deployment.name) if deployment.id else None
+    )

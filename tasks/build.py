@@ -66,9 +66,13 @@ def build_adapter_ready(
     peft_model, report = wrap_lora(loaded.model, lora, plan.targets, embeddings_resized=loaded.report.embeddings_resized)
     check = run_check(peft_model, loaded.tokenizer) if output.check else skipped()
     # What PEFT actually wrapped (a tied head also wraps its embedding), counted on the real model.
-    targets = plan.targets.model_copy(update={
-        "target_modules": report.target_modules, "trainable_params": report.trainable_params, "total_params": report.total_params,
-    })
+    targets = plan.targets.model_copy(
+        update={
+            "target_modules": report.target_modules,
+            "trainable_params": report.trainable_params,
+            "total_params": report.total_params,
+        }
+    )
 
     def fill(tmp: Path) -> Manifest:
         save_adapter(peft_model, tmp / "adapter", facts.repo_id, snapshot.commit_sha, save_embedding_layers=report.save_embedding_layers)
@@ -94,8 +98,12 @@ def build_adapter_ready(
             load_used=loaded.report,
             lora=LoraRecord(settings=lora, targets=targets),
             parameters=Parameters(total=report.total_params, trainable=report.trainable_params),
-            adapter=AdapterRecord(estimated_bytes=report.adapter_bytes, save_embedding_layers=report.save_embedding_layers,
-                                  warnings=report.warnings, files=file_records(tmp / "adapter")),
+            adapter=AdapterRecord(
+                estimated_bytes=report.adapter_bytes,
+                save_embedding_layers=report.save_embedding_layers,
+                warnings=report.warnings,
+                files=file_records(tmp / "adapter"),
+            ),
             check=check,
             versions=package_versions(),
             prefect=prefect,

@@ -47,8 +47,14 @@ def _code_dir(facts: RepoFacts, source: SourceSettings) -> str:
     path = None
     for name in code:  # small files; the download stage finds them cached
         with guarded_hub(), hub_errors(facts.repo_id, facts.revision, name):
-            path = hf_hub_download(facts.repo_id, name, revision=facts.commit_sha, cache_dir=cache_dir_for(source),
-                                   token=get_token(source), local_files_only=facts.offline)
+            path = hf_hub_download(
+                facts.repo_id,
+                name,
+                revision=facts.commit_sha,
+                cache_dir=cache_dir_for(source),
+                token=get_token(source),
+                local_files_only=facts.offline,
+            )
     return str(Path(path).parent)
 
 
@@ -100,8 +106,12 @@ def plan_prepare(
         kind = RemoteCodeRefused if any(isinstance(p, RemoteCodeRefused) for p in problems) else InvalidInput
         raise kind("; ".join(str(p).rstrip(".") for p in problems) + ".")
     if enforce_fit and not load_plan.fits:
-        too_big = DoesNotFit(load_plan.reasons["fit"].removeprefix("does not fit: "), repo_id=facts.repo_id,
-                             needed_bytes=load_plan.estimate_bytes + load_plan.overhead_bytes, available_bytes=load_plan.available_bytes)
+        too_big = DoesNotFit(
+            load_plan.reasons["fit"].removeprefix("does not fit: "),
+            repo_id=facts.repo_id,
+            needed_bytes=load_plan.estimate_bytes + load_plan.overhead_bytes,
+            available_bytes=load_plan.available_bytes,
+        )
         raise too_big
     return Plan(load=load_plan, targets=targets, artifact_parent=str(parent))
 

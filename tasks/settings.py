@@ -81,7 +81,10 @@ class LoadSettings(_Settings):
     model_config = ConfigDict(extra="forbid", frozen=True, title="Loading")
 
     dtype: Dtype = Field(
-        title="Weights dtype", default="auto", description="Weights dtype. auto: bf16 where supported, fp16 on CUDA without bf16, float32 on CPU.")
+        title="Weights dtype",
+        default="auto",
+        description="Weights dtype. auto: bf16 where supported, fp16 on CUDA without bf16, float32 on CPU.",
+    )
     attn_implementation: Attn = Field(
         title="Attention kernel",
         default="auto",
@@ -90,17 +93,21 @@ class LoadSettings(_Settings):
     device_map: Union[Annotated[str, Field(title="Device")], Annotated[dict[str, Union[int, str]], Field(title="Module map")]] = Field(
         title="Device placement",
         default="auto",
-        description='Placement: auto, cpu, cuda, cuda:N, mps, or a module -> device dict (accelerate style).',
+        description="Placement: auto, cpu, cuda, cuda:N, mps, or a module -> device dict (accelerate style).",
     )
     quantization: Quantization = Field(
-        title="Quantization", default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA.")
+        title="Quantization", default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA."
+    )
     max_memory: Annotated[dict[str, str], Field(title="Budgets")] | Default = Field(
         title="Memory budget per device",
         default=None,
         description='Memory budget per device, accelerate style: {"cpu": "20GiB", "0": "70GiB"}. Used by the fit check and by device_map=auto.',
     )
     gradient_checkpointing: bool = Field(
-        title="Gradient checkpointing", default=False, description="Enable gradient checkpointing (sets use_cache=False and input gradients for LoRA).")
+        title="Gradient checkpointing",
+        default=False,
+        description="Enable gradient checkpointing (sets use_cache=False and input gradients for LoRA).",
+    )
     trust_remote_code: bool = Field(
         title="Trust the repo's own code",
         default=False,
@@ -140,41 +147,50 @@ class LoraSettings(_Settings):
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="LoRA adapter")
 
-    r: int = Field(
-        title="Rank (r)", default=16, gt=0, le=4096, description="LoRA rank (adapter width).")
+    r: int = Field(title="Rank (r)", default=16, gt=0, le=4096, description="LoRA rank (adapter width).")
     alpha: float = Field(
-        title="Alpha", default=32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+        title="Alpha", default=32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."
+    )
     dropout: Annotated[float, Field(title="Value", ge=0, lt=1)] | Default = Field(
         title="Dropout",
         default=None,
         description="Dropout on the LoRA input, in [0, 1). Default: 0.05, or 0 when the targets include fused MoE expert parameters (PEFT cannot apply dropout to those).",
     )
-    bias: Literal["none", "all", "lora_only"] = Field(
-        title="Trained biases", default="none", description="Which biases to train.")
-    target_modules: Union[Annotated[TargetPreset, Field(title="Preset")], Annotated[list[str], Field(title="Names")], Annotated[str, Field(title="Regex")]] = Field(
+    bias: Literal["none", "all", "lora_only"] = Field(title="Trained biases", default="none", description="Which biases to train.")
+    target_modules: Union[
+        Annotated[TargetPreset, Field(title="Preset")], Annotated[list[str], Field(title="Names")], Annotated[str, Field(title="Regex")]
+    ] = Field(
         title="Target modules",
         default="all-linear",
         description="all-linear | attention | mlp | experts | a list of module or expert-parameter names | a regex matched against full names. Presets cover fused MoE experts and leave out the output head, embeddings and MoE routers.",
     )
     exclude_modules: Names | Default = Field(
-        title="Excluded modules", default=None, description="Module names (suffixes) to leave out of the targets.")
+        title="Excluded modules", default=None, description="Module names (suffixes) to leave out of the targets."
+    )
     modules_to_save: Names | Default = Field(
-        title="Modules trained in full", default=None, description="Modules trained in full and saved with the adapter (e.g. lm_head); makes the adapter large.")
-    use_rslora: bool = Field(
-        title="Rank-stabilised LoRA", default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
-    use_dora: bool = Field(
-        title="DoRA", default=False, description="Weight-decomposed LoRA (DoRA).")
+        title="Modules trained in full",
+        default=None,
+        description="Modules trained in full and saved with the adapter (e.g. lm_head); makes the adapter large.",
+    )
+    use_rslora: bool = Field(title="Rank-stabilised LoRA", default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    use_dora: bool = Field(title="DoRA", default=False, description="Weight-decomposed LoRA (DoRA).")
     init_lora_weights: Union[Annotated[bool, Field(title="Default (Kaiming) / zeros")], Annotated[str, Field(title="Method")]] = Field(
         title="Initialisation",
         default=True,
         description="true (Kaiming A, zero B) | false | gaussian | pissa | olora | orthogonal: the PEFT initialisations that need no training data and load back exactly.",
     )
     rank_pattern: Annotated[dict[str, int], Field(title="Patterns")] | Default = Field(
-        title="Rank per module (regex to r)", default=None, description="Per-module rank overrides: {regex: r}.")
+        title="Rank per module (regex to r)", default=None, description="Per-module rank overrides: {regex: r}."
+    )
     alpha_pattern: Annotated[dict[str, float], Field(title="Patterns")] | Default = Field(
-        title="Alpha per module (regex to alpha)", default=None, description="Per-module alpha overrides: {regex: alpha}.")
+        title="Alpha per module (regex to alpha)", default=None, description="Per-module alpha overrides: {regex: alpha}."
+    )
     seed: int = Field(
-        title="Seed", default=0, ge=0, description="Seed for the adapter initialisation: same seed and base give byte-identical adapter weights.")
+        title="Seed",
+        default=0,
+        ge=0,
+        description="Seed for the adapter initialisation: same seed and base give byte-identical adapter weights.",
+    )
 
     @field_validator("init_lora_weights")
     @classmethod
@@ -247,8 +263,10 @@ def tracking_uri_problem(uri: str) -> str | None:
     if scheme in TRACKING_SCHEMES:
         return None
     if scheme in ("", "file"):
-        return (f"tracking URI {uri!r} names MLflow's file store, which MLflow 3 no longer opens (\"maintenance mode\"): "
-                "use a database, e.g. sqlite:///path/to/mlflow.db, or a tracking server, e.g. http://host:5000")
+        return (
+            f'tracking URI {uri!r} names MLflow\'s file store, which MLflow 3 no longer opens ("maintenance mode"): '
+            "use a database, e.g. sqlite:///path/to/mlflow.db, or a tracking server, e.g. http://host:5000"
+        )
     return f"tracking URI {uri!r} has scheme {scheme!r}, which MLflow cannot use: use one of {', '.join(TRACKING_SCHEMES)} (e.g. sqlite:///path/to/mlflow.db)"
 
 
@@ -262,12 +280,13 @@ class TrackingSettings(_Settings):
         default=None,
         description="MLflow tracking URI. Default: MLFLOW_TRACKING_URI, else a SQLite file under the lora-prep data directory.",
     )
-    experiment: str = Field(
-        title="MLflow experiment", default="lora-prep", min_length=1, description="MLflow experiment name.")
+    experiment: str = Field(title="MLflow experiment", default="lora-prep", min_length=1, description="MLflow experiment name.")
     register_as: Text | Default = Field(
-        title="Register as (model name)", default=None, description="Register the artifact in the MLflow Model Registry under this name.")
+        title="Register as (model name)", default=None, description="Register the artifact in the MLflow Model Registry under this name."
+    )
     alias: Text | Default = Field(
-        title="Registry alias", default=None, description="Alias for the registered version (e.g. champion); needs register_as.")
+        title="Registry alias", default=None, description="Alias for the registered version (e.g. champion); needs register_as."
+    )
 
     @field_validator("tracking_uri")
     @classmethod
@@ -312,12 +331,20 @@ class TrainSettings(_Settings):
     model_config = ConfigDict(extra="forbid", frozen=True, title="Training")
 
     steps: int = Field(title="Optimizer steps", default=20, gt=0, le=1_000_000, description="Optimizer steps.")
-    lr: float = Field(title="Learning rate", default=5e-3, gt=0, lt=1,
-                      description="AdamW learning rate (LoRA takes rates ~10x those of full fine-tuning).")
-    weight_decay: float = Field(title="Weight decay", default=0.0, ge=0,
-                                description="AdamW weight decay (0: an adapter weight changes only by its gradient).")
+    lr: float = Field(
+        title="Learning rate",
+        default=5e-3,
+        gt=0,
+        lt=1,
+        description="AdamW learning rate (LoRA takes rates ~10x those of full fine-tuning).",
+    )
+    weight_decay: float = Field(
+        title="Weight decay", default=0.0, ge=0, description="AdamW weight decay (0: an adapter weight changes only by its gradient)."
+    )
     batch_size: int = Field(title="Batch size (sentences)", default=4, gt=0, le=4096, description="Sentences per step.")
-    max_length: int = Field(title="Tokens per sentence", default=32, gt=1, le=1_000_000, description="Tokens per sentence; longer ones are cut.")
+    max_length: int = Field(
+        title="Tokens per sentence", default=32, gt=1, le=1_000_000, description="Tokens per sentence; longer ones are cut."
+    )
     seed: int = Field(title="Seed", default=0, ge=0, description="Seed for dropout and batch order.")
     verify_base: bool = Field(
         title="Prove the base is unchanged",
@@ -337,8 +364,10 @@ class ModelReference(_Settings):
     model_config = ConfigDict(extra="forbid", frozen=True, title="Model")
 
     model_id: str = Field(
-        title="Model id or directory", min_length=1,
-        description="Hugging Face Hub model id (e.g. meta-llama/Llama-3.2-1B) or a local model directory.")
+        title="Model id or directory",
+        min_length=1,
+        description="Hugging Face Hub model id (e.g. meta-llama/Llama-3.2-1B) or a local model directory.",
+    )
     revision: str = Field(
         title="Revision",
         default="main",
@@ -352,15 +381,23 @@ class LoadBackSettings(_Settings):
     model_config = ConfigDict(extra="forbid", frozen=True, title="Artifact")
 
     ref: str = Field(
-        title="Artifact", min_length=1,
-        description="Artifact directory, runs:/<run id>[/artifact], models:/<name>@<alias> or models:/<logged model id>.")
-    trainable: bool = Field(title="Trainable adapter", default=False, description="Load the adapter trainable (gradients on its LoRA weights).")
+        title="Artifact",
+        min_length=1,
+        description="Artifact directory, runs:/<run id>[/artifact], models:/<name>@<alias> or models:/<logged model id>.",
+    )
+    trainable: bool = Field(
+        title="Trainable adapter", default=False, description="Load the adapter trainable (gradients on its LoRA weights)."
+    )
     base: Directory | Default = Field(
-        title="Base model directory", default=None,
-        description="A local directory holding the base model (a copy of the one the artifact was made from); its files must match the manifest.")
+        title="Base model directory",
+        default=None,
+        description="A local directory holding the base model (a copy of the one the artifact was made from); its files must match the manifest.",
+    )
     trust_remote_code: bool = Field(
-        title="Trust the base's own code", default=False,
-        description="The base runs its own code and you allow it (an artifact never switches remote code on by itself).")
+        title="Trust the base's own code",
+        default=False,
+        description="The base runs its own code and you allow it (an artifact never switches remote code on by itself).",
+    )
 
 
 class ArtifactDirectory(_Settings):
@@ -368,8 +405,9 @@ class ArtifactDirectory(_Settings):
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="Artifact")
 
-    artifact_dir: str = Field(title="Artifact directory", min_length=1,
-                              description="The artifact directory to log (the one 'lora-prep prepare' printed).")
+    artifact_dir: str = Field(
+        title="Artifact directory", min_length=1, description="The artifact directory to log (the one 'lora-prep prepare' printed)."
+    )
 
 
 class ServerAction(_Settings):
@@ -377,4 +415,6 @@ class ServerAction(_Settings):
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="Local Prefect server")
 
-    action: Literal["start", "status", "stop"] = Field(title="Action", description="start it (or find it running), show its state, or stop it.")
+    action: Literal["start", "status", "stop"] = Field(
+        title="Action", description="start it (or find it running), show its state, or stop it."
+    )

@@ -85,18 +85,30 @@ find_preparation_of_commit = task(
 )(find_preparation)
 
 
-def track_trained_adapter(trained: TrainedAdapter, prepared: Prepared, tracking: TrackingSettings, train: TrainSettings,
-                          tags: dict[str, str]) -> str:
+def track_trained_adapter(
+    trained: TrainedAdapter, prepared: Prepared, tracking: TrackingSettings, train: TrainSettings, tags: dict[str, str]
+) -> str:
     """A child run of the prepare run, in its experiment: the loss per step, the training settings, the new artifact
     (under ``artifact/`` like a preparation's, so ``load_adapter_ready("runs:/<child run id>")`` loads it)."""
-    params = {**{f"train.{k}": v for k, v in train.model_dump(mode="json").items()},
-              "parent_run_id": prepared.mlflow_run_id, "parent_artifact": prepared.ref}
-    stats = {"eval_loss_before": trained.eval_loss_before, "eval_loss_after": trained.eval_loss_after,
-             "final_loss": trained.losses[-1], "seconds.train": trained.seconds}
-    return log_trained_run(Path(trained.artifact_dir), prepared.mlflow_run_id, prepared.tracking_uri, tracking, tags, params,
-                           trained.losses, stats)
+    params = {
+        **{f"train.{k}": v for k, v in train.model_dump(mode="json").items()},
+        "parent_run_id": prepared.mlflow_run_id,
+        "parent_artifact": prepared.ref,
+    }
+    stats = {
+        "eval_loss_before": trained.eval_loss_before,
+        "eval_loss_after": trained.eval_loss_after,
+        "final_loss": trained.losses[-1],
+        "seconds.train": trained.seconds,
+    }
+    return log_trained_run(
+        Path(trained.artifact_dir), prepared.mlflow_run_id, prepared.tracking_uri, tracking, tags, params, trained.losses, stats
+    )
 
 
 track_trained = task(
-    name="track-trained-adapter", cache_policy=NO_CACHE, timeout_seconds=3600, **TRACKING.task_options(),
+    name="track-trained-adapter",
+    cache_policy=NO_CACHE,
+    timeout_seconds=3600,
+    **TRACKING.task_options(),
 )(track_trained_adapter)

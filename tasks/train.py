@@ -60,10 +60,17 @@ def batches(tokenizer, settings: TrainSettings, device):
     """Fixed batches of the corpus; labels are the input ids with padding masked out (-100)."""
     out = []
     for start in range(0, len(SENTENCES), settings.batch_size):
-        enc = tokenizer(list(SENTENCES[start:start + settings.batch_size]), return_tensors="pt", padding=True,
-                        truncation=True, max_length=settings.max_length)
+        enc = tokenizer(
+            list(SENTENCES[start : start + settings.batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=settings.max_length,
+        )
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device), "labels": labels.to(device)})
+        out.append(
+            {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device), "labels": labels.to(device)}
+        )
     return out
 
 
@@ -76,8 +83,15 @@ def eval_loss(model, batches) -> float:
     return sum(losses) / len(losses)
 
 
-def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, settings: TrainSettings,
-                   source: SourceSettings, output: OutputSettings, prefect: PrefectRecord = PrefectRecord()) -> TrainedAdapter:
+def train_and_save(
+    parent_ref: str,
+    parent_run_id: str,
+    tracking_uri: str,
+    settings: TrainSettings,
+    source: SourceSettings,
+    output: OutputSettings,
+    prefect: PrefectRecord = PrefectRecord(),
+) -> TrainedAdapter:
     """Load the artifact trainable, train the adapter, save it as a new artifact whose manifest names its parent."""
     import torch
 
@@ -125,35 +139,62 @@ def train_and_save(parent_ref: str, parent_run_id: str, tracking_uri: str, setti
     changed = sum(not torch.equal(before, params_now[n].detach()) for n, before in adapter_before.items())
     base_after = weights_sha256(base) if settings.verify_base else None
     training = TrainingRecord(
-        steps=settings.steps, lr=settings.lr, settings=settings.model_dump(mode="json"), corpus_sentences=len(SENTENCES),
-        losses=losses, final_loss=losses[-1], eval_loss_before=eval_before, eval_loss_after=eval_after,
-        base_sha256_before=base_before, base_sha256_after=base_after,
+        steps=settings.steps,
+        lr=settings.lr,
+        settings=settings.model_dump(mode="json"),
+        corpus_sentences=len(SENTENCES),
+        losses=losses,
+        final_loss=losses[-1],
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
+        base_sha256_before=base_before,
+        base_sha256_after=base_after,
     )
     base_record = ready.manifest.base_model
 
     def fill(tmp: Path) -> Manifest:
-        save_adapter(model, tmp / "adapter", base_record.name_or_path, base_record.commit_sha,
-                     save_embedding_layers=ready.manifest.adapter.save_embedding_layers)
+        save_adapter(
+            model,
+            tmp / "adapter",
+            base_record.name_or_path,
+            base_record.commit_sha,
+            save_embedding_layers=ready.manifest.adapter.save_embedding_layers,
+        )
         save_tokenizer(tokenizer, tmp / "tokenizer")
         adapter = ready.manifest.adapter.model_copy(update={"trained": True, "files": _files(tmp / "adapter")})
         # The parent's manifest, extended through the model: same base, plan and targets; new adapter, lineage, training.
-        return ready.manifest.model_copy(update={
-            "created_at": utc_now(), "versions": package_versions(), "adapter": adapter, "tracking": None,
-            "parent": ParentRecord(artifact=str(parent_ref), mlflow_run_id=parent_run_id), "training": training,
-            "prefect": prefect,
-        })
+        return ready.manifest.model_copy(
+            update={
+                "created_at": utc_now(),
+                "versions": package_versions(),
+                "adapter": adapter,
+                "tracking": None,
+                "parent": ParentRecord(artifact=str(parent_ref), mlflow_run_id=parent_run_id),
+                "training": training,
+                "prefect": prefect,
+            }
+        )
 
     parent_dir = artifact_parent(output)
     name = output.name or f"{artifact_name(base_record.name_or_path, base_record.commit_sha or base_record.content_digest)}--trained"
     artifact_dir = write_artifact(parent_dir, name, fill, lambda m: model_card(m) + training_card(m))
     run_logger(__name__).info("trained %d steps: loss %.4f -> %.4f; artifact %s", settings.steps, eval_before, eval_after, artifact_dir)
     return TrainedAdapter(
-        artifact_dir=str(artifact_dir), parent_ref=str(parent_ref), parent_mlflow_run_id=parent_run_id, steps=settings.steps,
-        lr=settings.lr, losses=losses, eval_loss_before=eval_before, eval_loss_after=eval_after,
+        artifact_dir=str(artifact_dir),
+        parent_ref=str(parent_ref),
+        parent_mlflow_run_id=parent_run_id,
+        steps=settings.steps,
+        lr=settings.lr,
+        losses=losses,
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
         trainable_params=sum(p.numel() for _, p in trainable),
         trainable_outside_adapter=[n for n, _ in trainable if not is_adapter_param(n)],
-        adapter_tensors=len(adapter_before), adapter_tensors_changed=changed,
-        base_sha256_before=base_before, base_sha256_after=base_after, seconds=round(time.perf_counter() - started, 3),
+        adapter_tensors=len(adapter_before),
+        adapter_tensors_changed=changed,
+        base_sha256_before=base_before,
+        base_sha256_after=base_after,
+        seconds=round(time.perf_counter() - started, 3),
     )
 
 
@@ -190,10 +231,18 @@ def find_prepared_artifact(flow_run_id: str, tracking: TrackingSettings, *, ask_
         with get_client(sync_client=True) as prefect:
             # run_deployment inside a flow links the new run to a task run of that flow.
             started_by_pipeline = prefect.read_flow_run(flow_run_id).parent_task_run_id is not None
-    return Prepared(ref=ref, mlflow_run_id=found.run_id, tracking_uri=found.tracking_uri, prefect_flow_run_id=flow_run_id,
-                    started_by_pipeline=started_by_pipeline)
+    return Prepared(
+        ref=ref,
+        mlflow_run_id=found.run_id,
+        tracking_uri=found.tracking_uri,
+        prefect_flow_run_id=flow_run_id,
+        started_by_pipeline=started_by_pipeline,
+    )
 
 
 find_prepared = task(
-    name="find-preparation-of-flow-run", cache_policy=NO_CACHE, timeout_seconds=300, **TRACKING.task_options(),
+    name="find-preparation-of-flow-run",
+    cache_policy=NO_CACHE,
+    timeout_seconds=300,
+    **TRACKING.task_options(),
 )(find_prepared_artifact)

@@ -9,11 +9,15 @@ from lora_prep.tasks.records.manifest import Manifest
 def model_card(manifest: Manifest) -> str:
     base = manifest.base_model
     if base.source == "hub":
-        peft_load = (f'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory/adapter")  '
-                     f"# fetches {base.name_or_path} at {(base.commit_sha or '')[:12]}")
+        peft_load = (
+            f'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory/adapter")  '
+            f"# fetches {base.name_or_path} at {(base.commit_sha or '')[:12]}"
+        )
     else:
-        peft_load = (f'base = AutoModelForCausalLM.from_pretrained("{base.name_or_path}")  # or a copy of it\n'
-                     'model = PeftModel.from_pretrained(base, "path/to/this/directory/adapter")')
+        peft_load = (
+            f'base = AutoModelForCausalLM.from_pretrained("{base.name_or_path}")  # or a copy of it\n'
+            'model = PeftModel.from_pretrained(base, "path/to/this/directory/adapter")'
+        )
     return f"""# LoRA-ready {base.name_or_path}
 
 Adapter-ready artifact made by lora-prep on {manifest.created_at}.
@@ -45,5 +49,7 @@ or from the command line: `lora-prep load path/to/this/directory --json`.
 
 def training_card(manifest: Manifest) -> str:
     t, parent = manifest.training, manifest.parent
-    return (f"\n## Training\n\nTrained {t.steps} steps at lr {t.lr} from `{parent.artifact}` "
-            f"(MLflow run `{parent.mlflow_run_id}`): eval loss {t.eval_loss_before:.4f} -> {t.eval_loss_after:.4f}.\n")
+    return (
+        f"\n## Training\n\nTrained {t.steps} steps at lr {t.lr} from `{parent.artifact}` "
+        f"(MLflow run `{parent.mlflow_run_id}`): eval loss {t.eval_loss_before:.4f} -> {t.eval_loss_after:.4f}.\n"
+    )

@@ -67,7 +67,9 @@ def _local_dir(ref: str, tracking_uri: str | None) -> Path:
         return download_reference(ref, Path(tempfile.mkdtemp(prefix="lora-prep-ref-")), tracking_uri)
     path = Path(ref).expanduser()
     if not path.is_dir():
-        raise InvalidInput(f"artifact {ref!r} is neither a directory nor a runs:/ or models:/ URI; pass the directory printed by 'lora-prep prepare'.")
+        raise InvalidInput(
+            f"artifact {ref!r} is neither a directory nor a runs:/ or models:/ URI; pass the directory printed by 'lora-prep prepare'."
+        )
     return path
 
 

@@ -38,16 +38,28 @@ def load_row(plan: LoadPlan) -> Row:
 
 def memory_row(plan: LoadPlan) -> Row:
     need = plan.estimate_bytes + plan.overhead_bytes
-    return "memory", (f"needs {format_bytes(need)} ({format_bytes(plan.estimate_bytes)} weights + {format_bytes(plan.overhead_bytes)} margin) "
-                      f"of {format_bytes(plan.available_bytes)} available")
+    return "memory", (
+        f"needs {format_bytes(need)} ({format_bytes(plan.estimate_bytes)} weights + {format_bytes(plan.overhead_bytes)} margin) "
+        f"of {format_bytes(plan.available_bytes)} available"
+    )
 
 
 def lora_rows(settings: LoraSettings, targets: TargetPlan) -> list[Row]:
-    rows = [("lora", f"r={settings.r} alpha={settings.alpha} dropout={targets.dropout} on {len(targets.target_modules)} modules: "
-                     f"{', '.join(targets.module_leaves)}")]
+    rows = [
+        (
+            "lora",
+            f"r={settings.r} alpha={settings.alpha} dropout={targets.dropout} on {len(targets.target_modules)} modules: "
+            f"{', '.join(targets.module_leaves)}",
+        )
+    ]
     if targets.target_parameters:
-        rows.append(("experts", f"{len(targets.target_parameters)} fused expert parameters: {', '.join(targets.expert_parameter_leaves)} "
-                                f"(dropout {targets.dropout_reason})"))
+        rows.append(
+            (
+                "experts",
+                f"{len(targets.target_parameters)} fused expert parameters: {', '.join(targets.expert_parameter_leaves)} "
+                f"(dropout {targets.dropout_reason})",
+            )
+        )
     rows += [("left out", f"{name}: {why}") for name, why in list(targets.excluded.items())[:_EXCLUDED_SHOWN]]
     if len(targets.excluded) > _EXCLUDED_SHOWN:
         rows.append(("left out", f"... and {len(targets.excluded) - _EXCLUDED_SHOWN} more (see --json)"))
@@ -69,34 +81,51 @@ def reason_rows(plan: LoadPlan) -> list[Row]:
 
 def plan_rows(report: PlanReport) -> list[Row]:
     """`lora-prep plan`: what prepare would fetch and do, and whether it fits."""
-    rows = [model_row(report.repo_id, pin_of(report.commit_sha, None), report.revision),
-            ("files", f"{len(report.files)} to use, {report.files_cached} already cached; "
-                      f"{report.bytes_to_download:,} of {report.bytes_total:,} bytes to download")]
+    rows = [
+        model_row(report.repo_id, pin_of(report.commit_sha, None), report.revision),
+        (
+            "files",
+            f"{len(report.files)} to use, {report.files_cached} already cached; "
+            f"{report.bytes_to_download:,} of {report.bytes_total:,} bytes to download",
+        ),
+    ]
     rows += [("", f"{'cached ' if f.cached else 'fetch  '} {f.bytes:>14,}  {f.path}") for f in report.files]
     dtypes = ", ".join(f"{k}: {v:,}" for k, v in report.stored_dtypes.items())
     rows.append(("params", f"{report.param_count:,} ({dtypes})" if report.param_count else "unknown (no safetensors headers)"))
-    rows += [load_row(report.plan), memory_row(report.plan), *reason_rows(report.plan), *lora_rows(report.lora, report.targets),
-             params_row(report.targets.total_params, report.targets.trainable_params),
-             ("artifact", f"under {report.artifact_parent}"),
-             ("fits", "yes" if report.fits else f"NO: {report.refusal}")]
+    rows += [
+        load_row(report.plan),
+        memory_row(report.plan),
+        *reason_rows(report.plan),
+        *lora_rows(report.lora, report.targets),
+        params_row(report.targets.total_params, report.targets.trainable_params),
+        ("artifact", f"under {report.artifact_parent}"),
+        ("fits", "yes" if report.fits else f"NO: {report.refusal}"),
+    ]
     return rows
 
 
 def manifest_rows(manifest: Manifest) -> list[Row]:
     """An artifact: its base, how it loaded, what got LoRA (the model card and the run summary)."""
     base = manifest.base_model
-    return [model_row(base.name_or_path, pin_of(base.commit_sha, base.content_digest), base.revision),
-            load_row(manifest.load_plan), memory_row(manifest.load_plan), *lora_rows(manifest.lora.settings, manifest.lora.targets),
-            params_row(manifest.parameters.total, manifest.parameters.trainable)]
+    return [
+        model_row(base.name_or_path, pin_of(base.commit_sha, base.content_digest), base.revision),
+        load_row(manifest.load_plan),
+        memory_row(manifest.load_plan),
+        *lora_rows(manifest.lora.settings, manifest.lora.targets),
+        params_row(manifest.parameters.total, manifest.parameters.trainable),
+    ]
 
 
 def preparation_rows(result: PreparedModel, manifest: Manifest, open_with: str) -> list[Row]:
     """A finished `lora-prep prepare`: the artifact, then the manifest's rows, then where it was downloaded and logged."""
     cache = " (cache)" if result.from_cache else ""
     offline = " (offline)" if result.offline else ""
-    rows = [("artifact", result.artifact_dir), *manifest_rows(manifest),
-            ("download", f"{result.bytes_downloaded:,} bytes{cache}{offline}"),
-            ("mlflow", f"run {result.mlflow_run_id} at {result.mlflow_tracking_uri}")]
+    rows = [
+        ("artifact", result.artifact_dir),
+        *manifest_rows(manifest),
+        ("download", f"{result.bytes_downloaded:,} bytes{cache}{offline}"),
+        ("mlflow", f"run {result.mlflow_run_id} at {result.mlflow_tracking_uri}"),
+    ]
     if result.model_uri:
         rows.append(("registered", result.model_uri))
     rows += [("open", open_with), ("seconds", ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))]

@@ -22,10 +22,10 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from lora_prep.tasks.common.files import sha256_file
 from lora_prep.tasks.common.paths import default_artifacts_dir
@@ -93,8 +93,9 @@ def check_output_dir(output: OutputSettings, *, create: bool) -> Path:
             if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
                 raise PermissionError(13, "not writable", str(ancestor))
     except OSError as exc:
-        raise InvalidInput(f"{field} {parent} cannot be created or written ({exc.strerror or type(exc).__name__}): "
-                           "choose a directory you can write to.") from None
+        raise InvalidInput(
+            f"{field} {parent} cannot be created or written ({exc.strerror or type(exc).__name__}): choose a directory you can write to."
+        ) from None
     return parent
 
 
@@ -150,5 +151,6 @@ def write_artifact(parent: Path, name: str, fill: Callable[[Path], Manifest], ca
 def file_records(root: Path) -> list[SnapshotFile]:
     return [
         SnapshotFile(path=str(p.relative_to(root.parent)), size=p.stat().st_size, sha256=sha256_file(p))
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     ]

@@ -80,7 +80,7 @@ def check_commit(value: object, where: str) -> str:
 def check_repo_path(path: str, where: str) -> str:
     """A file name from the tree listing or a shard index: a relative path inside the repo."""
     p = PurePosixPath(path)
-    if (not path or "\\" in path or "\x00" in path or p.is_absolute() or any(part in ("", ".", "..") for part in path.split("/"))):
+    if not path or "\\" in path or "\x00" in path or p.is_absolute() or any(part in ("", ".", "..") for part in path.split("/")):
         raise BadRepo(
             f"{where}: the repo lists a file named {path[:120]!r}, which is not a plain relative path: "
             "refusing it (it would point outside the model folder); pick another revision or tell the repo owner."

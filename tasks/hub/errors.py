@@ -118,15 +118,13 @@ def hub_errors(repo_id: str, revision: str, path: str | None = None) -> Iterator
             ) from exc
         if status in (401, 403):
             raise GatedRepo(
-                f"access to {repo_id} refused (HTTP {status}): set HF_TOKEN to a valid token "
-                f"with access to {endpoint}/{repo_id}.",
+                f"access to {repo_id} refused (HTTP {status}): set HF_TOKEN to a valid token with access to {endpoint}/{repo_id}.",
                 repo_id=repo_id,
             ) from exc
         raise LoraPrepError(f"the Hub answered HTTP {status} for {where}: check the repo id and revision.") from exc
     except httpx2.TransportError as exc:
         raise HubUnavailable(
-            f"cannot reach the Hub at {endpoint} ({type(exc).__name__}) for {where}: "
-            "check the network or HF_ENDPOINT; it is retried.",
+            f"cannot reach the Hub at {endpoint} ({type(exc).__name__}) for {where}: check the network or HF_ENDPOINT; it is retried.",
             repo_id=repo_id,
         ) from exc
     except HFValidationError as exc:
@@ -134,5 +132,3 @@ def hub_errors(repo_id: str, revision: str, path: str | None = None) -> Iterator
 
 
 # --- at the top of the program: anything not ours yet ------------------------------------------
-
-

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from lora_prep.tasks.errors import BadRepo, EntryNotFound
 from lora_prep.tasks.hub.selection import is_weight_file
@@ -36,12 +36,26 @@ def _check_header(where: str, path: str, meta) -> None:
     """Refuse a header that parses but cannot be a checkpoint (negative or non-integer dimensions)."""
     for name, info in meta.tensors.items():
         if not all(isinstance(d, int) and d >= 0 for d in info.shape):
-            raise BadRepo(f"{where}: {path} declares tensor {name!r} with shape {info.shape}: the file is corrupt; "
-                          "pick another revision or tell the repo owner.")
+            raise BadRepo(
+                f"{where}: {path} declares tensor {name!r} with shape {info.shape}: the file is corrupt; "
+                "pick another revision or tell the repo owner."
+            )
 
 
-def build_facts(repo_id, revision, sha, files, selected, fmt, config, header: Callable, *, offline: bool,
-           source: str = "hub", code_digest: str | None = None) -> RepoFacts:
+def build_facts(
+    repo_id,
+    revision,
+    sha,
+    files,
+    selected,
+    fmt,
+    config,
+    header: Callable,
+    *,
+    offline: bool,
+    source: str = "hub",
+    code_digest: str | None = None,
+) -> RepoFacts:
     from huggingface_hub.errors import SafetensorsParsingError
 
     where = repo_id if source == "local" else f"{repo_id}@{(sha or '')[:12]}"
@@ -49,12 +63,15 @@ def build_facts(repo_id, revision, sha, files, selected, fmt, config, header: Ca
     weights = [p for p in selected if is_weight_file(p)]
     param_count, dtypes = None, {}
     if fmt == "safetensors":
+
         def checked(path: str):
             try:
                 meta = header(path)
             except SafetensorsParsingError as exc:
-                raise BadRepo(f"{where}: the safetensors header of {path} does not parse: the file is corrupt; "
-                              "pick another revision or tell the repo owner.") from exc
+                raise BadRepo(
+                    f"{where}: the safetensors header of {path} does not parse: the file is corrupt; "
+                    "pick another revision or tell the repo owner."
+                ) from exc
             _check_header(where, path, meta)
             return meta
 
@@ -65,10 +82,20 @@ def build_facts(repo_id, revision, sha, files, selected, fmt, config, header: Ca
                 dtypes[dtype] = dtypes.get(dtype, 0) + n
         param_count = sum(dtypes.values())
     return RepoFacts(
-        repo_id=repo_id, source=source, revision=revision, commit_sha=sha, files=files, selected=selected,
-        weight_format=fmt, selected_bytes=sum(by_path[p].size for p in selected),
-        weight_bytes=sum(by_path[p].size for p in weights), param_count=param_count,
-        stored_dtypes=dict(sorted(dtypes.items())), config=config, offline=offline, code_digest=code_digest,
+        repo_id=repo_id,
+        source=source,
+        revision=revision,
+        commit_sha=sha,
+        files=files,
+        selected=selected,
+        weight_format=fmt,
+        selected_bytes=sum(by_path[p].size for p in selected),
+        weight_bytes=sum(by_path[p].size for p in weights),
+        param_count=param_count,
+        stored_dtypes=dict(sorted(dtypes.items())),
+        config=config,
+        offline=offline,
+        code_digest=code_digest,
     )
 
 

@@ -95,7 +95,10 @@ def resolve_repo(
             raise exc from None
         run_logger(__name__).warning(
             "Hub unreachable (%s); using the cached snapshot of %s@%s (commit %s) offline.",
-            type(exc.__cause__).__name__ if exc.__cause__ else "HubUnavailable", repo_id, revision, facts.pin[:12],
+            type(exc.__cause__).__name__ if exc.__cause__ else "HubUnavailable",
+            repo_id,
+            revision,
+            facts.pin[:12],
         )
         return facts
 
@@ -106,12 +109,16 @@ def check_model_id(model_id: str) -> str:
     from huggingface_hub.utils import validate_repo_id
 
     if model_id.startswith(("/", "./", "../", "~")) or os.sep * 2 in model_id:
-        raise InvalidInput(f"model_id {model_id!r} looks like a path but is not a directory here: give a model directory "
-                           "(config.json, tokenizer, safetensors) or a Hub id such as org/name.")
+        raise InvalidInput(
+            f"model_id {model_id!r} looks like a path but is not a directory here: give a model directory "
+            "(config.json, tokenizer, safetensors) or a Hub id such as org/name."
+        )
     try:
         validate_repo_id(model_id)
     except HFValidationError:
-        raise InvalidInput(f"model_id {model_id!r} is neither a Hub repo id (org/name) nor a directory: check the id or the path.") from None
+        raise InvalidInput(
+            f"model_id {model_id!r} is neither a Hub repo id (org/name) nor a directory: check the id or the path."
+        ) from None
     return model_id
 
 
@@ -143,8 +150,9 @@ def _resolve_online(repo_id: str, revision: str, source: SourceSettings, token: 
             return hf_hub_download(repo_id, path, revision=sha, cache_dir=cache_dir, token=token)
 
     config = read_json_file(fetch("config.json"), where, "config.json")
-    selected, fmt = select_with_shards(where, [f.path for f in files], source.allow_pickle, config,
-                                       lambda p: read_json_file(fetch(p), where, p))
+    selected, fmt = select_with_shards(
+        where, [f.path for f in files], source.allow_pickle, config, lambda p: read_json_file(fetch(p), where, p)
+    )
     sizes = {f.path: f.size for f in files}
 
     def header(path: str):
@@ -196,20 +204,24 @@ def _resolve_from_cache(repo_id: str, revision: str, source: SourceSettings, cac
     def local(path: str) -> Path:
         p = snapshot / path
         if not p.is_file():
-            raise OfflineCacheMiss(f"{repo_id}@{sha[:12]}: {path} is missing from the HF cache: run once with network access to complete it.")
+            raise OfflineCacheMiss(
+                f"{repo_id}@{sha[:12]}: {path} is missing from the HF cache: run once with network access to complete it."
+            )
         return p
 
     config = read_json_file(local("config.json"), where, "config.json")
-    selected, fmt = select_with_shards(where, [f.path for f in files], source.allow_pickle, config,
-                                       lambda p: read_json_file(local(p), where, p))
+    selected, fmt = select_with_shards(
+        where, [f.path for f in files], source.allow_pickle, config, lambda p: read_json_file(local(p), where, p)
+    )
     missing = [p for p in selected if not (snapshot / p).is_file()]
     if missing:
         raise OfflineCacheMiss(
             f"{repo_id}@{sha[:12]}: {len(missing)} selected file(s) missing from the HF cache ({', '.join(missing[:3])}): "
             "run once with network access to complete it."
         )
-    return build_facts(repo_id, revision, sha, files, selected, fmt, config,
-                  lambda p: parse_local_safetensors_file_metadata(local(p)), offline=True)
+    return build_facts(
+        repo_id, revision, sha, files, selected, fmt, config, lambda p: parse_local_safetensors_file_metadata(local(p)), offline=True
+    )
 
 
 def resolve_local_dir(model_dir: str, revision: str = LOCAL_REVISION, source: SourceSettings = SourceSettings()) -> RepoFacts:
@@ -226,10 +238,22 @@ def resolve_local_dir(model_dir: str, revision: str = LOCAL_REVISION, source: So
         files.append(HubFile(path=check_repo_path(rel.as_posix(), where), size=p.stat().st_size))
     require_config(where, files)
     config = read_json_file(root / "config.json", where, "config.json")
-    selected, fmt = select_with_shards(where, [f.path for f in files], source.allow_pickle, config,
-                                       lambda p: read_json_file(root / p, where, p))
+    selected, fmt = select_with_shards(
+        where, [f.path for f in files], source.allow_pickle, config, lambda p: read_json_file(root / p, where, p)
+    )
     code = [p for p in selected if p.endswith(".py")]
     digest = content_digest([(p, sha256_file(root / p)) for p in code]) if code else None
     pinned = revision if revision != "main" else LOCAL_REVISION  # "main" is the flow's default: not a pin here
-    return build_facts(str(root), pinned, None, files, selected, fmt, config,
-                  lambda p: parse_local_safetensors_file_metadata(root / p), offline=False, source="local", code_digest=digest)
+    return build_facts(
+        str(root),
+        pinned,
+        None,
+        files,
+        selected,
+        fmt,
+        config,
+        lambda p: parse_local_safetensors_file_metadata(root / p),
+        offline=False,
+        source="local",
+        code_digest=digest,
+    )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lora_prep.tasks.errors import BadRepo, EntryNotFound, PickleRefused
 from lora_prep.tasks.hub.cache import check_repo_path

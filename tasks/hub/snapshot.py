@@ -19,8 +19,9 @@ import glob
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lora_prep.tasks.common.logs import run_logger
 from lora_prep.tasks.common.paths import data_home
@@ -161,7 +162,9 @@ def download_snapshot(
         for path in bad:
             discard(storage, snapshot_dir, path)
         if attempt == 2 or offline:
-            state = "does not match the Hub's sha256/size after a fresh download" if attempt == 2 else "is corrupt or missing in the HF cache"
+            state = (
+                "does not match the Hub's sha256/size after a fresh download" if attempt == 2 else "is corrupt or missing in the HF cache"
+            )
             fix = (
                 "it was removed from the cache; run again with network access to fetch it again."
                 if offline
@@ -178,12 +181,26 @@ def download_snapshot(
     files = [verified[p] for p in facts.selected]
     run_logger(__name__).info(
         "%s@%s: %d files in %s, %d bytes received, verified in %.3f s (%d hashed, %d bytes).",
-        repo_id, sha[:12], len(verified), snapshot_dir, transferred, stats.seconds, stats.hashed, stats.hashed_bytes,
+        repo_id,
+        sha[:12],
+        len(verified),
+        snapshot_dir,
+        transferred,
+        stats.seconds,
+        stats.hashed,
+        stats.hashed_bytes,
     )
     return Snapshot(
-        repo_id=repo_id, revision=facts.revision, commit_sha=sha, snapshot_dir=str(snapshot_dir), files=files,
-        content_digest=content_digest([(f.path, f.sha256) for f in files]), bytes_transferred=transferred,
-        from_cache=transferred == 0, offline=offline, seconds=round(time.monotonic() - t0, 3),
+        repo_id=repo_id,
+        revision=facts.revision,
+        commit_sha=sha,
+        snapshot_dir=str(snapshot_dir),
+        files=files,
+        content_digest=content_digest([(f.path, f.sha256) for f in files]),
+        bytes_transferred=transferred,
+        from_cache=transferred == 0,
+        offline=offline,
+        seconds=round(time.monotonic() - t0, 3),
     )
 
 
@@ -207,8 +224,16 @@ def local_snapshot(facts: RepoFacts, *, stats: VerifyStats | None = None) -> Sna
     digest = content_digest([(f.path, f.sha256) for f in files])
     run_logger(__name__).info("%s: %d local files, content digest %s (%d hashed).", root, len(files), digest[:12], stats.hashed)
     return Snapshot(
-        repo_id=facts.repo_id, source="local", revision=facts.revision, commit_sha=None, snapshot_dir=str(root),
-        files=files, content_digest=digest, bytes_transferred=0, from_cache=True, offline=False,
+        repo_id=facts.repo_id,
+        source="local",
+        revision=facts.revision,
+        commit_sha=None,
+        snapshot_dir=str(root),
+        files=files,
+        content_digest=digest,
+        bytes_transferred=0,
+        from_cache=True,
+        offline=False,
         seconds=round(time.monotonic() - t0, 3),
     )
 

@@ -12,8 +12,7 @@ if TYPE_CHECKING:
     from lora_prep.tasks.records.plan import TargetPlan
 
 
-def lora_config(lora: LoraSettings, modules: list[str], parameters: list[str], *, dropout: float,
-                fan_in_fan_out: bool, tie: bool = False):
+def lora_config(lora: LoraSettings, modules: list[str], parameters: list[str], *, dropout: float, fan_in_fan_out: bool, tie: bool = False):
     """peft.LoraConfig for exactly these full module and parameter names."""
     from peft import LoraConfig, TaskType
 
@@ -41,9 +40,15 @@ def lora_config(lora: LoraSettings, modules: list[str], parameters: list[str], *
         raise InvalidInput(f"PEFT rejects these LoRA settings: {exc}; change the LoRA settings named there.") from None
 
 
-def config_for(lora: LoraSettings, targets: "TargetPlan"):
-    return lora_config(lora, targets.target_modules, targets.target_parameters, dropout=targets.dropout,
-                       fan_in_fan_out=targets.fan_in_fan_out, tie=targets.ensure_weight_tying)
+def config_for(lora: LoraSettings, targets: TargetPlan):
+    return lora_config(
+        lora,
+        targets.target_modules,
+        targets.target_parameters,
+        dropout=targets.dropout,
+        fan_in_fan_out=targets.fan_in_fan_out,
+        tie=targets.ensure_weight_tying,
+    )
 
 
 def out_of_peft_conversion(model, lora: LoraSettings, modules: list[str], parameters: list[str]) -> tuple[list[str], list[str]]:

@@ -114,8 +114,10 @@ def _explicit(model, spec, wrappable: list[str], experts: list[str], problems: l
     modules = [n for n in wrappable if re.fullmatch(spec, n)]
     parameters = [p for p in experts if re.fullmatch(spec, p)]
     if not modules and not parameters:
-        problems.append(_unknown("target_modules", spec, _suffixes(wrappable), "regex")
-                        + " (a string is a regex matched against full names such as 'model.layers.0.self_attn.q_proj')")
+        problems.append(
+            _unknown("target_modules", spec, _suffixes(wrappable), "regex")
+            + " (a string is a regex matched against full names such as 'model.layers.0.self_attn.q_proj')"
+        )
     return modules, parameters
 
 
@@ -143,9 +145,11 @@ def _dropout(lora: LoraSettings, parameters: list[str]) -> tuple[float, str]:
         return lora.dropout, f"{lora.dropout}: set by lora.dropout"
     leaves = ", ".join(parameter_leaves(parameters))
     if lora.dropout is None:
-        return 0.0, (f"0: the targets include {len(parameters)} parameters LoRA wraps directly (fused expert parameters and "
-                     f"the like: {leaves}), and PEFT cannot apply dropout to those (lora.ParamWrapper needs lora_dropout=0); "
-                     f"the default {DEFAULT_DROPOUT} applies to models without them")
+        return 0.0, (
+            f"0: the targets include {len(parameters)} parameters LoRA wraps directly (fused expert parameters and "
+            f"the like: {leaves}), and PEFT cannot apply dropout to those (lora.ParamWrapper needs lora_dropout=0); "
+            f"the default {DEFAULT_DROPOUT} applies to models without them"
+        )
     if lora.dropout:
         raise InvalidInput(
             f"lora.dropout={lora.dropout} cannot be used: the targets include {len(parameters)} fused expert parameters "
@@ -186,13 +190,17 @@ def resolve_targets(model, lora: LoraSettings) -> TargetPlan:
         for name in modules:
             refusal = peft_refusal(model, name.rsplit(".", 1)[-1])
             if refusal:
-                problems.append(f"target_modules names {name.rsplit('.', 1)[-1]!r}, which PEFT refuses for {type(model).__name__}: {refusal}")
+                problems.append(
+                    f"target_modules names {name.rsplit('.', 1)[-1]!r}, which PEFT refuses for {type(model).__name__}: {refusal}"
+                )
     _check_other_names(model, lora, modules, candidates, problems)
     if problems:
         raise UnknownTargetModule(
             f"{'; '.join(problems)}; modules LoRA can wrap in {type(model).__name__}: {_short(candidates)}"
             + (f"; expert parameters: {_short(experts)}" if experts else "")
-            + "; fix the names, or use a preset (all-linear, attention, mlp" + (", experts" if experts else "") + ").",
+            + "; fix the names, or use a preset (all-linear, attention, mlp"
+            + (", experts" if experts else "")
+            + ").",
             model=type(model).__name__,
         )
     modules, parameters = out_of_peft_conversion(model, lora, modules, parameters)
@@ -210,8 +218,13 @@ def resolve_targets(model, lora: LoraSettings) -> TargetPlan:
         )
     tie = bool(tied(model, modules + list(matching(model, lora.modules_to_save or []))))
     return TargetPlan(
-        target_modules=modules, target_parameters=parameters, excluded=excluded, dropout=dropout, dropout_reason=dropout_reason,
-        fan_in_fan_out=fan_in_fan_out, ensure_weight_tying=tie,
+        target_modules=modules,
+        target_parameters=parameters,
+        excluded=excluded,
+        dropout=dropout,
+        dropout_reason=dropout_reason,
+        fan_in_fan_out=fan_in_fan_out,
+        ensure_weight_tying=tie,
     )
 
 
@@ -231,5 +244,3 @@ def plan_targets(model, lora: LoraSettings) -> TargetPlan:
         ) from None
     trainable, total = wrapped.get_nb_trainable_parameters()
     return targets.model_copy(update={"trainable_params": int(trainable), "total_params": int(total)})
-
-

@@ -10,10 +10,11 @@ from __future__ import annotations
 import enum
 import logging
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,7 +40,9 @@ class LoraReport(BaseModel):
     total_params: int = Field(description="All parameters of the wrapped model (base + adapter).")
     trainable_params: int = Field(description="Parameters that train: LoRA matrices, modules_to_save copies, biases if bias != none.")
     adapter_bytes: int = Field(description="Tensor bytes that save_pretrained writes for the adapter (estimate; excludes file headers).")
-    save_embedding_layers: bool = Field(default=False, description="The adapter must carry full embedding matrices (resized vocabulary or embedding targets).")
+    save_embedding_layers: bool = Field(
+        default=False, description="The adapter must carry full embedding matrices (resized vocabulary or embedding targets)."
+    )
     warnings: list[str] = Field(default_factory=list, description="One-line notes, also logged at WARNING.")
     peft_config: dict = Field(description="The LoraConfig as a plain dict, as adapter_config.json records it.")
 
@@ -129,7 +132,9 @@ def wrap_lora(model, lora: LoraSettings, targets: TargetPlan | None = None, *, e
             peft_model = get_peft_model(model, config)
     except ValueError as exc:  # PEFT checks some settings only against real layers (e.g. DoRA support)
         detail = " ".join(str(exc).split())
-        raise InvalidInput(f"PEFT cannot apply these LoRA settings to {type(model).__name__}: {detail}; change the setting named there.") from None
+        raise InvalidInput(
+            f"PEFT cannot apply these LoRA settings to {type(model).__name__}: {detail}; change the setting named there."
+        ) from None
 
     base = peft_model.get_base_model()
     wrapped = [n for n, m in base.named_modules() if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)]
@@ -179,7 +184,12 @@ def wrap_lora(model, lora: LoraSettings, targets: TargetPlan | None = None, *, e
     )
     log.info(
         "LoRA r=%d on %d modules and %d expert parameters: %d trainable of %d params, adapter ~%s",
-        lora.r, len(wrapped), len(targets.target_parameters), trainable, total, format_bytes(adapter_bytes),
+        lora.r,
+        len(wrapped),
+        len(targets.target_parameters),
+        trainable,
+        total,
+        format_bytes(adapter_bytes),
     )
     return peft_model, report
 

@@ -118,13 +118,17 @@ def _one_pass(peft_model, ids, backward: bool) -> float:
     try:
         loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
         if loss is None or not math.isfinite(float(loss.detach())):
-            raise LoraPrepError(f"the LoRA-wrapped model gives a non-finite loss ({loss}) on {ids.shape[1]} tokens: "
-                                "the base weights or the load dtype are broken; try load.dtype=float32.")
+            raise LoraPrepError(
+                f"the LoRA-wrapped model gives a non-finite loss ({loss}) on {ids.shape[1]} tokens: "
+                "the base weights or the load dtype are broken; try load.dtype=float32."
+            )
         if backward:
             loss.backward()
             if not any(p.grad is not None for p in peft_model.parameters() if p.requires_grad):
-                raise LoraPrepError("the backward pass gave no gradient to any trainable parameter: the adapter would not train; "
-                                    "check gradient_checkpointing and the LoRA targets.")
+                raise LoraPrepError(
+                    "the backward pass gave no gradient to any trainable parameter: the adapter would not train; "
+                    "check gradient_checkpointing and the LoRA targets."
+                )
         return float(loss.detach())
     except LoraPrepError:
         raise
@@ -145,8 +149,9 @@ def _refusal(broke: _Broke) -> LoraPrepError:
             f"LoRA on {broke.module} breaks the model: its forward pass fails ({detail}); leave it out "
             f"(exclude_modules=[{leaf!r}], --exclude-modules {leaf}) or target other modules."
         )
-    return LoraPrepError(f"the model fails a forward pass outside its LoRA layers ({detail}): "
-                         "check that it runs without LoRA (a transformers or model bug).")
+    return LoraPrepError(
+        f"the model fails a forward pass outside its LoRA layers ({detail}): check that it runs without LoRA (a transformers or model bug)."
+    )
 
 
 def run_check(peft_model, tokenizer, *, backward: bool = True) -> CheckRecord:
@@ -176,8 +181,15 @@ def run_check(peft_model, tokenizer, *, backward: bool = True) -> CheckRecord:
                 raise _refusal(broke) from broke.exc
     finally:
         peft_model.train(was_training)
-    return CheckRecord(forward=True, backward=backward, tokens=int(ids.shape[1]), layers=ran, layers_total=total,
-                       loss=round(loss, 6), seconds=round(time.perf_counter() - started, 3))
+    return CheckRecord(
+        forward=True,
+        backward=backward,
+        tokens=int(ids.shape[1]),
+        layers=ran,
+        layers_total=total,
+        loss=round(loss, 6),
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 def skipped() -> CheckRecord:

@@ -49,7 +49,9 @@ class ModelFacts(_Record):
     repo_id: str = Field(description="Hub id, or the absolute path of a local model directory.")
     commit_sha: str | None = Field(default=None, description="The commit; None for a local directory.")
     source: Literal["hub", "local"] = "hub"
-    code_digest: str | None = Field(default=None, description="sha256 of the model's own *.py files (local directories pin remote code by it).")
+    code_digest: str | None = Field(
+        default=None, description="sha256 of the model's own *.py files (local directories pin remote code by it)."
+    )
     architecture: str | None = Field(default=None, description="config architectures[0], e.g. LlamaForCausalLM.")
     model_type: str | None = None
     param_count: int = Field(ge=0, description="Parameters: exact from safetensors headers, else estimated from bytes.")
@@ -97,7 +99,7 @@ class ModelFacts(_Record):
         look_up_attention: bool = True,
         source: str = "hub",
         code_digest: str | None = None,
-    ) -> "ModelFacts":
+    ) -> ModelFacts:
         text = _text_config(config)
         architectures = config.get("architectures") or []
         architecture = architectures[0] if architectures else None
@@ -128,7 +130,7 @@ class ModelFacts(_Record):
         return facts.model_copy(update={"embedding_params": min(embedding_params, facts.param_count)})
 
     @classmethod
-    def from_repo_facts(cls, facts: Any, **kwargs: Any) -> "ModelFacts":
+    def from_repo_facts(cls, facts: Any, **kwargs: Any) -> ModelFacts:
         """From tasks/resolve.py's RepoFacts (repo_id, commit_sha, config, param_count, stored_dtypes, weight_bytes)."""
         return cls.from_config(
             facts.repo_id, facts.commit_sha, facts.config or {}, facts.param_count, facts.stored_dtypes,
@@ -136,7 +138,7 @@ class ModelFacts(_Record):
         )  # fmt: skip
 
     @classmethod
-    def from_local_dir(cls, model_dir: Path, repo_id: str, commit_sha: str) -> "ModelFacts":
+    def from_local_dir(cls, model_dir: Path, repo_id: str, commit_sha: str) -> ModelFacts:
         """From a model directory on disk (benchmarks, tests): config.json plus the safetensors headers,
         read with huggingface_hub's own parser as tasks/resolve.py does for cached files. A pickle-only
         directory has no headers: the parameter count is then estimated from the weight bytes."""

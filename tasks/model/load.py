@@ -128,7 +128,9 @@ def _from_pretrained(snapshot_dir: str, plan: LoadPlan, kwargs: dict) -> tuple[A
             first_line = (str(exc).strip().splitlines() or [""])[0]
             tried.append(f"{attn}: {type(exc).__name__}")
             if i + 1 < len(candidates):
-                log.warning("attention %s failed at load (%s: %s); trying %s", attn, type(exc).__name__, first_line[:200], candidates[i + 1])
+                log.warning(
+                    "attention %s failed at load (%s: %s); trying %s", attn, type(exc).__name__, first_line[:200], candidates[i + 1]
+                )
                 continue
             raise InvalidInput(
                 f"no attention implementation could be used for {snapshot_dir} (tried {', '.join(tried)}; last: {first_line[:200]}): "
@@ -151,9 +153,7 @@ def _prepare_for_training(model, plan: LoadPlan) -> bool:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if plan.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
-            raise InvalidInput(
-                f"{type(model).__name__} does not support gradient checkpointing: set load.gradient_checkpointing=false"
-            )
+            raise InvalidInput(f"{type(model).__name__} does not support gradient checkpointing: set load.gradient_checkpointing=false")
         # Non-reentrant checkpointing: gradients reach LoRA weights even though the frozen inputs of each
         # block do not require grad; the input-grad hook keeps reentrant-style callers working too.
         kwargs = {"use_reentrant": False}

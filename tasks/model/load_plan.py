@@ -52,8 +52,7 @@ def _fit_failure(facts, dtype, quant, where, need, weights, overhead, available,
     return (
         f"{facts.repo_id} needs {format_bytes(need)} ({format_bytes(weights)} of {quant if quant != 'none' else dtype} weights "
         f"+ {format_bytes(overhead)} margin) but {where} {'together have' if ',' in where else 'has'} "
-        f"{format_bytes(available)} available: try "
-        + "; ".join(options)
+        f"{format_bytes(available)} available: try " + "; ".join(options)
     )
 
 
@@ -155,9 +154,7 @@ def plan_load(
 
     quant = settings.quantization
     weights = weights_bytes(facts, dtype, quant)
-    used, device_map, target_device, plan_max_memory, reasons["placement"] = _place(
-        profile, settings, target, weights, budgets, max_memory
-    )
+    used, device_map, target_device, plan_max_memory, reasons["placement"] = _place(profile, settings, target, weights, budgets, max_memory)
     available = sum(budgets[k] for k in used)
     overhead = overhead_bytes(weights, len(used))
     fits = weights + overhead <= available

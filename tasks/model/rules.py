@@ -253,8 +253,7 @@ def _choose_attn(profile, facts, settings, target, dtype, problems) -> tuple[str
         if flash_blockers:
             problems.add(
                 InvalidInput,
-                f"load.attn_implementation='flash_attention_2' cannot work here: {', '.join(flash_blockers)}: "
-                "use sdpa, eager or auto",
+                f"load.attn_implementation='flash_attention_2' cannot work here: {', '.join(flash_blockers)}: use sdpa, eager or auto",
             )
         return requested, [], "flash_attention_2: set by load.attn_implementation (no fallback: an explicit choice fails loudly)"
     if requested == "sdpa":

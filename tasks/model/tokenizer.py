@@ -70,7 +70,10 @@ def choose_pad_token(tokenizer) -> tuple[str, str]:
     vocab = tokenizer.get_vocab()
     for token in KNOWN_PAD_TOKENS:
         if token in vocab and vocab[token] not in reserved:
-            return token, f"reserved: {token!r} (id {vocab[token]}) is in the vocabulary for padding; no new token, embeddings unchanged{note}"
+            return (
+                token,
+                f"reserved: {token!r} (id {vocab[token]}) is in the vocabulary for padding; no new token, embeddings unchanged{note}",
+            )
     unk = tokenizer.unk_token
     if unk is not None and tokenizer.unk_token_id not in reserved:
         return unk, (

@@ -12,7 +12,6 @@ from lora_prep.tasks.records.base import Record
 class LoadReport(Record):
     """What the load actually used; recorded in the manifest next to the plan."""
 
-
     dtype: str = Field(description="dtype of the loaded weights (compute dtype for 4/8-bit loads), e.g. float32.")
     attn_implementation: str = Field(description="Attention kernel the model runs with, as transformers set it.")
     attn_fallbacks_tried: list[str] = Field(
@@ -47,7 +46,6 @@ class CheckRecord(Record):
 
 
 class BuiltArtifact(Record):
-
     artifact_dir: str
     total_params: int
     trainable_params: int

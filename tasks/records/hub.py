@@ -39,7 +39,9 @@ class RepoFacts(Record):
     stored_dtypes: dict[str, int] = Field(description='Parameters per stored dtype, e.g. {"BF16": n}.')
     config: dict = Field(description="config.json at commit_sha.")
     offline: bool = Field(description="True when read from the HF cache without the Hub.")
-    code_digest: str | None = Field(default=None, description="sha256 over the selected *.py files (name and content) when the model ships code.")
+    code_digest: str | None = Field(
+        default=None, description="sha256 over the selected *.py files (name and content) when the model ships code."
+    )
 
     @property
     def is_local(self) -> bool:
@@ -62,14 +64,12 @@ class RepoFacts(Record):
 
 
 class SnapshotFile(Record):
-
     path: str
     size: int = Field(ge=0, description="Bytes.")
     sha256: str = Field(description="sha256 of the content (verified against the Hub for LFS files).")
 
 
 class Snapshot(Record):
-
     repo_id: str
     source: Literal["hub", "local"] = "hub"
     revision: str

@@ -32,13 +32,14 @@ class PackageCheck(Record):
 
 class HardwareProfile(Record):
     cpu_count: int = Field(ge=1, description="CPU cores this process may use (affinity mask), not the host's total.")
-    cpu_bf16_native: bool = Field(
-        default=False, description="CPU has bfloat16 instructions (AMX-BF16 / AVX512-BF16 on x86, bf16 on Arm)."
-    )
+    cpu_bf16_native: bool = Field(default=False, description="CPU has bfloat16 instructions (AMX-BF16 / AVX512-BF16 on x86, bf16 on Arm).")
     ram_total_bytes: int = Field(ge=0, description="RAM, capped by the cgroup (container) limit where there is one.")
     ram_available_bytes: int = Field(ge=0, description="RAM available without swapping, capped by the cgroup limit.")
     disk_free_bytes: int = Field(ge=0, description="Free disk at cache_dir, or at its nearest existing parent.")
-    cache_dir: str = Field(default="", description="Hugging Face hub cache directory the disk figure refers to (empty in an artifact's manifest: a path of the preparing machine).")
+    cache_dir: str = Field(
+        default="",
+        description="Hugging Face hub cache directory the disk figure refers to (empty in an artifact's manifest: a path of the preparing machine).",
+    )
     torch_version: str | None = None
     cuda_available: bool = False
     cuda_devices: list[CudaDevice] = Field(default_factory=list)

@@ -131,20 +131,23 @@ class Manifest(Record):
         return write_atomic(Path(artifact_dir) / MANIFEST, self.to_json())
 
 
-
 def read_manifest(artifact_dir: str | Path) -> Manifest:
     """The artifact's manifest; another schema, or a file that is not one, is refused in one line."""
     path = Path(artifact_dir) / MANIFEST
     if not path.is_file():
-        raise InvalidInput(f"{artifact_dir} is not a lora-prep artifact (no {MANIFEST}); pass the directory printed by 'lora-prep prepare'.")
+        raise InvalidInput(
+            f"{artifact_dir} is not a lora-prep artifact (no {MANIFEST}); pass the directory printed by 'lora-prep prepare'."
+        )
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise BadRepo(f"{path} is not valid JSON ({exc}): the artifact is damaged; prepare it again.") from None
     found = data.get("schema") if isinstance(data, dict) else None
     if found != SCHEMA:
-        raise InvalidInput(f"{path} has schema {found!r} and this lora-prep reads {SCHEMA!r}: prepare the artifact again "
-                           "with this version, or load it with the lora-prep version that wrote it.")
+        raise InvalidInput(
+            f"{path} has schema {found!r} and this lora-prep reads {SCHEMA!r}: prepare the artifact again "
+            "with this version, or load it with the lora-prep version that wrote it."
+        )
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

@@ -48,10 +48,14 @@ class LoadPlan(Record):
 class TargetPlan(Record):
     """What will get LoRA, decided before the download; the build stage applies exactly this."""
 
-
     target_modules: list[str] = Field(description="Full names of the modules that get a LoRA layer, in model order.")
-    target_parameters: list[str] = Field(default_factory=list, description="Full names of parameters LoRA wraps directly (fused experts), via PEFT target_parameters.")
-    excluded: dict[str, str] = Field(default_factory=dict, description="Candidates a preset left out (routers, modules PEFT refuses for this architecture), with the reason.")
+    target_parameters: list[str] = Field(
+        default_factory=list, description="Full names of parameters LoRA wraps directly (fused experts), via PEFT target_parameters."
+    )
+    excluded: dict[str, str] = Field(
+        default_factory=dict,
+        description="Candidates a preset left out (routers, modules PEFT refuses for this architecture), with the reason.",
+    )
     dropout: float = Field(description="The LoRA dropout applied.")
     dropout_reason: str
     fan_in_fan_out: bool = Field(default=False, description="GPT-2 style Conv1D targets (weights stored in x out).")
@@ -71,14 +75,12 @@ class TargetPlan(Record):
 class Plan(Record):
     """The plan stage's result: small JSON, read by build, the manifest and `lora-prep plan`."""
 
-
     load: LoadPlan
     targets: TargetPlan
     artifact_parent: str = Field(description="Where the artifact directory will be created (checked writable).")
 
 
 class PlannedFile(Record):
-
     path: str
     bytes: int
     cached: bool
@@ -86,7 +88,6 @@ class PlannedFile(Record):
 
 class PlanReport(Record):
     """The dry run's record: the plan is there also when the model does not fit (fits=false, with the numbers)."""
-
 
     repo_id: str
     source: str

@@ -12,12 +12,13 @@ from lora_prep.tasks.records.hub import RepoFacts, Snapshot
 
 
 class TrackingResult(Record):
-
     tracking_uri: str
     experiment_id: str
     run_id: str
     run_url: str | None
-    open_with: str = Field(description="How a person opens the run: its URL, or for a SQLite store the `mlflow ui` command and the URL it serves.")
+    open_with: str = Field(
+        description="How a person opens the run: its URL, or for a SQLite store the `mlflow ui` command and the URL it serves."
+    )
     logged_model_id: str | None
     model_uri: str | None
     registered_version: str | None
@@ -25,7 +26,6 @@ class TrackingResult(Record):
 
 class PreparedModel(Record):
     """What the flow returns: small, JSON, enough for a pipeline's next step."""
-
 
     artifact_dir: str
     repo_id: str = Field(description="The Hub repo id, or the local model directory.")
@@ -49,23 +49,36 @@ class PreparedModel(Record):
     seconds: dict[str, float]
 
     @classmethod
-    def assemble(cls, revision: str, facts: RepoFacts, snapshot: Snapshot, built: BuiltArtifact, tracked: TrackingResult,
-                 seconds: dict[str, float]) -> PreparedModel:
+    def assemble(
+        cls, revision: str, facts: RepoFacts, snapshot: Snapshot, built: BuiltArtifact, tracked: TrackingResult, seconds: dict[str, float]
+    ) -> PreparedModel:
         """The flow's result from its stages' records."""
         return cls(
-            artifact_dir=built.artifact_dir, repo_id=facts.repo_id, source=facts.source, revision=revision,
-            commit_sha=snapshot.commit_sha, content_digest=snapshot.content_digest,
-            mlflow_run_id=tracked.run_id, mlflow_tracking_uri=tracked.tracking_uri, mlflow_run_url=tracked.run_url, mlflow_open=tracked.open_with,
-            model_uri=tracked.model_uri, total_params=built.total_params, trainable_params=built.trainable_params,
-            target_modules=built.target_modules, target_parameters=built.target_parameters,
-            bytes_downloaded=snapshot.bytes_transferred, from_cache=snapshot.from_cache, offline=snapshot.offline,
-            peak_rss_bytes=built.peak_rss_bytes, seconds=seconds,
+            artifact_dir=built.artifact_dir,
+            repo_id=facts.repo_id,
+            source=facts.source,
+            revision=revision,
+            commit_sha=snapshot.commit_sha,
+            content_digest=snapshot.content_digest,
+            mlflow_run_id=tracked.run_id,
+            mlflow_tracking_uri=tracked.tracking_uri,
+            mlflow_run_url=tracked.run_url,
+            mlflow_open=tracked.open_with,
+            model_uri=tracked.model_uri,
+            total_params=built.total_params,
+            trainable_params=built.trainable_params,
+            target_modules=built.target_modules,
+            target_parameters=built.target_parameters,
+            bytes_downloaded=snapshot.bytes_transferred,
+            from_cache=snapshot.from_cache,
+            offline=snapshot.offline,
+            peak_rss_bytes=built.peak_rss_bytes,
+            seconds=seconds,
         )
 
 
 class TrainedAdapter(Record):
     """What training returns: small JSON, with the evidence that only the adapter learned."""
-
 
     artifact_dir: str  # the new artifact
     parent_ref: str  # the artifact trained (directory or runs:/ URI)
@@ -90,7 +103,6 @@ class TrainedAdapter(Record):
 class RefreshResult(Record):
     """What the refresh did, and where the current artifact is recorded."""
 
-
     model_id: str
     revision: str
     commit_sha: str
@@ -110,7 +122,6 @@ class ExistingRun(Record):
 
 class Prepared(Record):
     """Where the artifact to train is: a local directory when this machine has it, else its MLflow run."""
-
 
     ref: str  # what load_adapter_ready gets: a directory or runs:/<id>
     mlflow_run_id: str

@@ -48,8 +48,12 @@ def manifest_params(manifest: Manifest) -> dict[str, str]:
     base, plan, used, lora = manifest.base_model, manifest.load_plan, manifest.load_used, manifest.lora
     t = lora.targets
     params: dict[str, Any] = {
-        "model_id": base.name_or_path, "source": base.source, "revision": base.revision, "commit_sha": base.commit_sha or "",
-        "content_digest": base.content_digest, "offline": base.offline,
+        "model_id": base.name_or_path,
+        "source": base.source,
+        "revision": base.revision,
+        "commit_sha": base.commit_sha or "",
+        "content_digest": base.content_digest,
+        "offline": base.offline,
     }
     for key in ("dtype", "attn_implementation", "device_map", "quantization", "max_memory", "gradient_checkpointing", "trust_remote_code"):
         params[f"plan.{key}"] = getattr(plan, key)
@@ -58,12 +62,17 @@ def manifest_params(manifest: Manifest) -> dict[str, str]:
             params[f"plan.used.{key}"] = value
     for key, value in lora.settings.model_dump(mode="json").items():
         params[f"lora.{key}"] = value
-    params.update({
-        "lora.dropout": t.dropout, "lora.dropout_reason": t.dropout_reason,
-        "lora.target_modules": t.module_leaves, "lora.target_modules_count": len(t.target_modules),
-        "lora.target_parameters": t.expert_parameter_leaves, "lora.target_parameters_count": len(t.target_parameters),
-        "lora.excluded_count": len(t.excluded),
-    })
+    params.update(
+        {
+            "lora.dropout": t.dropout,
+            "lora.dropout_reason": t.dropout_reason,
+            "lora.target_modules": t.module_leaves,
+            "lora.target_modules_count": len(t.target_modules),
+            "lora.target_parameters": t.expert_parameter_leaves,
+            "lora.target_parameters_count": len(t.target_parameters),
+            "lora.excluded_count": len(t.excluded),
+        }
+    )
     return clip(params)
 
 
@@ -105,19 +114,29 @@ def log_artifact_run(artifact_dir: Path, settings: TrackingSettings, tags: dict[
             experiment = experiment_id(mlflow, settings.experiment, uri)
             run_id = find_or_create_run(mlflow, experiment, tags, tags.get(FLOW_RUN_NAME_TAG) or artifact_dir.name)
             params = manifest_params(manifest)
-            mlflow.log_batch(run_id, params=[param(k, v) for k, v in params.items()],
-                             tags=[tag(k, v) for k, v in {**tags, ARTIFACT_DIR_TAG: str(artifact_dir)}.items()])
+            mlflow.log_batch(
+                run_id,
+                params=[param(k, v) for k, v in params.items()],
+                tags=[tag(k, v) for k, v in {**tags, ARTIFACT_DIR_TAG: str(artifact_dir)}.items()],
+            )
             mlflow.log_batch(run_id, metrics=[metric(k, v) for k, v in manifest_metrics(manifest, run_stats).items()])
             mlflow.log_artifacts(run_id, str(artifact_dir), artifact_path=ARTIFACT_PATH)
             model = _log_model(mlflow, experiment, run_id, artifact_dir, manifest, params)
             url = run_url(uri, experiment, run_id)
-            record = TrackingRecord(mlflow_tracking_uri=uri, mlflow_experiment=settings.experiment, mlflow_run_id=run_id,
-                                    mlflow_run_url=url, logged_model_id=model.model_id)
+            record = TrackingRecord(
+                mlflow_tracking_uri=uri,
+                mlflow_experiment=settings.experiment,
+                mlflow_run_id=run_id,
+                mlflow_run_url=url,
+                logged_model_id=model.model_id,
+            )
             manifest.model_copy(update={"tracking": record}).write(artifact_dir)
             model_uri = version = None
             if settings.register_as:
                 version = register(mlflow, settings, run_id, model.model_id)
-                model_uri = f"models:/{settings.register_as}@{settings.alias}" if settings.alias else f"models:/{settings.register_as}/{version}"
+                model_uri = (
+                    f"models:/{settings.register_as}@{settings.alias}" if settings.alias else f"models:/{settings.register_as}/{version}"
+                )
             # This stage's own time: the flow's clock is still running while it logs.
             mlflow.log_batch(run_id, metrics=[metric("seconds.track", round(time.perf_counter() - started, 3))])
             mlflow.set_terminated(run_id, "FINISHED")
@@ -129,8 +148,16 @@ def log_artifact_run(artifact_dir: Path, settings: TrackingSettings, tags: dict[
             except Exception:  # the store is what failed; the reaper closes it later
                 pass
         raise
-    return TrackingResult(tracking_uri=uri, experiment_id=experiment, run_id=run_id, run_url=url, open_with=where_to_open(uri, experiment, run_id),
-                          logged_model_id=model.model_id, model_uri=model_uri, registered_version=version)
+    return TrackingResult(
+        tracking_uri=uri,
+        experiment_id=experiment,
+        run_id=run_id,
+        run_url=url,
+        open_with=where_to_open(uri, experiment, run_id),
+        logged_model_id=model.model_id,
+        model_uri=model_uri,
+        registered_version=version,
+    )
 
 
 def _log_model(mlflow: Any, experiment: str, run_id: str, artifact_dir: Path, manifest: Manifest, params: dict[str, str]) -> Any:
@@ -140,7 +167,10 @@ def _log_model(mlflow: Any, experiment: str, run_id: str, artifact_dir: Path, ma
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     model = mlflow.create_logged_model(
-        experiment, name=logged_model_name(manifest), source_run_id=run_id, model_type=MODEL_TYPE,
+        experiment,
+        name=logged_model_name(manifest),
+        source_run_id=run_id,
+        model_type=MODEL_TYPE,
         params={k: v for k, v in params.items() if not k.startswith("plan.used.")},
         tags={"lora_prep.base": manifest.base_model.name_or_path, ARTIFACT_DIR_TAG: str(artifact_dir)},
     )
@@ -150,8 +180,16 @@ def _log_model(mlflow: Any, experiment: str, run_id: str, artifact_dir: Path, ma
     return model
 
 
-def log_trained_run(artifact_dir: Path, parent_run_id: str, uri: str, tracking: TrackingSettings, tags: dict[str, str],
-                    params: dict[str, Any], losses: list[float], stats: dict[str, float]) -> str:
+def log_trained_run(
+    artifact_dir: Path,
+    parent_run_id: str,
+    uri: str,
+    tracking: TrackingSettings,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    losses: list[float],
+    stats: dict[str, float],
+) -> str:
     """A trained adapter as a child run of its preparation, in the parent's experiment: one loss point per
     optimizer step (MLflow draws the curve from the step index), then the new artifact as for a preparation."""
     with mlflow_errors(uri):

@@ -82,8 +82,10 @@ def reap_dead_flow_runs() -> list[str]:
         if prefect is None:
             return []
         mine = ProcessId.current()
-        only = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{HOST_PREFIX}{mine.host}"]),
-                             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in _ACTIVE])))
+        only = FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"{HOST_PREFIX}{mine.host}"]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in _ACTIVE])),
+        )
         with prefect:
             runs = prefect.read_flow_runs(flow_run_filter=only, limit=200)
     except Exception as exc:  # no API, unreachable: nothing to do from here

@@ -60,7 +60,9 @@ def _reference_location(mlflow, ref: str) -> str:
     try:
         parsed = _parse_model_uri(ref)
     except Exception:
-        raise InvalidInput(f"{ref!r} is not models:/<name>@<alias>, models:/<name>/<version> or models:/<model id>; fix the model URI.") from None
+        raise InvalidInput(
+            f"{ref!r} is not models:/<name>@<alias>, models:/<name>/<version> or models:/<model id>; fix the model URI."
+        ) from None
     if parsed.model_id:
         return mlflow.get_logged_model(parsed.model_id).artifact_location
     version = parsed.version or mlflow.get_model_version_by_alias(parsed.name, parsed.alias).version
@@ -82,5 +84,7 @@ def download_reference(ref: str, dst: Path, tracking_uri: str | None = None) -> 
             location = _reference_location(mlflow, ref)
             local = get_artifact_repository(location, tracking_uri=uri).download_artifacts("", dst_path=str(dst))
     except MlflowException as exc:
-        raise InvalidInput(f"cannot fetch {ref} from MLflow at {uri} ({exc.error_code}); check the run id or model name and --tracking-uri.") from exc
+        raise InvalidInput(
+            f"cannot fetch {ref} from MLflow at {uri} ({exc.error_code}); check the run id or model name and --tracking-uri."
+        ) from exc
     return Path(local)

@@ -66,8 +66,9 @@ def literal(value: str) -> str:
         for quote in ("'", '"'):
             if quote not in value:
                 return f"{quote}{value}{quote}"
-    raise InvalidInput(f"{value[:80]!r} cannot be looked up in MLflow (it holds both quote characters or ends in a backslash); "
-                       "use an id without them.")
+    raise InvalidInput(
+        f"{value[:80]!r} cannot be looked up in MLflow (it holds both quote characters or ends in a backslash); use an id without them."
+    )
 
 
 def preparation_tags(model_id: str) -> dict[str, str]:
@@ -77,9 +78,13 @@ def preparation_tags(model_id: str) -> dict[str, str]:
 def process_tags() -> dict[str, str]:
     me = ProcessId.current()
     return {
-        HOST_TAG: me.host, PID_TAG: str(me.pid), STARTED_TAG: f"{me.started:.3f}" if me.started else "",
+        HOST_TAG: me.host,
+        PID_TAG: str(me.pid),
+        STARTED_TAG: f"{me.started:.3f}" if me.started else "",
         # What MLflow's fluent API would add; MlflowClient adds none (the UI's user and source columns).
-        "mlflow.user": getpass.getuser(), "mlflow.source.type": "LOCAL", "mlflow.source.name": "lora-prep",
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "lora-prep",
     }
 
 
@@ -166,8 +171,10 @@ def find_by_flow_run(mlflow: Any, experiment_ids: list[str], flow_run_id: str, *
 
 def find_preparation(mlflow: Any, experiment_id: str, model_id: str, commit_sha: str) -> Any | None:
     """The newest FINISHED preparation of this model at this commit (a trained adapter's run is not one)."""
-    query = (f"tags.`{MODEL_KEY_TAG}` = '{model_key(model_id)}' and tags.`{KIND_TAG}` = '{PREPARATION}' "
-             f"and params.commit_sha = {literal(commit_sha)} and attributes.status = 'FINISHED'")
+    query = (
+        f"tags.`{MODEL_KEY_TAG}` = '{model_key(model_id)}' and tags.`{KIND_TAG}` = '{PREPARATION}' "
+        f"and params.commit_sha = {literal(commit_sha)} and attributes.status = 'FINISHED'"
+    )
     found = mlflow.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
     return found[0] if found else None
 

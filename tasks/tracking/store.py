@@ -153,8 +153,14 @@ def is_connection_problem(exc: BaseException) -> bool:
     import requests
     from mlflow.exceptions import MlflowException
 
-    transport = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
-                 ConnectionError, TimeoutError, TrackingUnavailable)
+    transport = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+        ConnectionError,
+        TimeoutError,
+        TrackingUnavailable,
+    )
     return any(
         isinstance(e, transport) or (isinstance(e, MlflowException) and e.error_code == "TEMPORARILY_UNAVAILABLE")  # "database is locked"
         for e in causes(exc)
