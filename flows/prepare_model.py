@@ -88,7 +88,7 @@ def prepare_model(
         with clock("resolve"):
             facts = resolve(model_id, revision, source)
         with clock("probe"):
-            profile = probe(source.cache_dir)
+            profile = probe(source.cache_dir, kbit=load.quantization != "none")
         with clock("plan"):
             planned = plan(profile, facts, load, lora, output, revision, source, tracking)
         opened = open_run.submit(tracking, facts, prefect_tags())  # in a worker thread, while the weights download

@@ -42,7 +42,7 @@ def dry_run(
     from lora_prep.tasks.resolve import resolve
 
     facts = resolve.fn(model_id, revision, source)
-    profile = probe.fn(source.cache_dir)
+    profile = probe.fn(source.cache_dir, kbit=load.quantization != "none")
     planned = plan.fn(profile, facts, load, lora, output, revision, source, tracking, enforce_fit=False, create_output=False)
     sizes = {f.path: f.size for f in facts.files}
     cached = set(_cached(facts, cache_dir_for(source)))

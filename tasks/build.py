@@ -57,14 +57,16 @@ def build_adapter_ready(
     allow_pickle: bool = False,
 ) -> BuiltArtifact:
     from lora_prep.tasks.lora.wrap import wrap_lora
+    from lora_prep.tasks.machine.kbit import quiet_bitsandbytes
     from lora_prep.tasks.model.check import run_check, skipped
     from lora_prep.tasks.model.load import load_model
     from lora_prep.tasks.model.tokenizer import save_tokenizer
 
     started = time.perf_counter()
-    loaded = load_model(snapshot.snapshot_dir, plan.load, load, allow_pickle=allow_pickle)
-    peft_model, report = wrap_lora(loaded.model, lora, plan.targets, embeddings_resized=loaded.report.embeddings_resized)
-    check = run_check(peft_model, loaded.tokenizer) if output.check else skipped()
+    with quiet_bitsandbytes():  # its speed notices (a missing optional kernel, int8 input casts) are not the user's problem
+        loaded = load_model(snapshot.snapshot_dir, plan.load, load, allow_pickle=allow_pickle)
+        peft_model, report = wrap_lora(loaded.model, lora, plan.targets, embeddings_resized=loaded.report.embeddings_resized)
+        check = run_check(peft_model, loaded.tokenizer) if output.check else skipped()
     # What PEFT actually wrapped (a tied head also wraps its embedding), counted on the real model.
     targets = plan.targets.model_copy(
         update={

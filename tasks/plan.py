@@ -1,11 +1,14 @@
 """Stage 3, plan: everything decided before a weight moves, and every bad input refused here.
 
-1. the load plan (tasks/model/load_plan.py): dtype, attention, placement, quantization, fit;
-2. the LoRA targets on the model's skeleton (tasks/lora/targets.py): exact module and expert-parameter
-   names, exclusions with reasons, dropout, trainable parameters;
-3. the artifact's parent directory: a directory that can be created and written.
+1. the model's skeleton (empty weights, from config.json): its parameters counted by how a load stores
+   them (tasks/model/census.py: what bitsandbytes quantizes and what it leaves in the compute dtype);
+2. the LoRA targets on that skeleton (tasks/lora/targets.py): exact module and expert-parameter names,
+   exclusions with reasons, dropout, trainable parameters;
+3. the load plan (tasks/model/load_plan.py): dtype, attention, placement, quantization (with the
+   BitsAndBytesConfig every consumer rebuilds), the memory estimate by class, fit;
+4. the artifact's parent directory (a directory that can be created and written) and the tracking URI.
 
-The problems of all three are reported together, in one error. A model that does not fit is
+The problems of all of them are reported together, in one error. A model that does not fit is
 refused after the settings are known to be valid (a capacity refusal, with numbers).
 """
 
@@ -23,12 +26,17 @@ from lora_prep.tasks.errors import (
     LoraPrepError,
     RemoteCodeRefused,
 )
+from lora_prep.tasks.hub.selection import ships_code
 from lora_prep.tasks.lora.targets import plan_targets
 from lora_prep.tasks.model.anatomy import skeleton
+from lora_prep.tasks.model.census import parameter_census
+from lora_prep.tasks.model.facts import ModelFacts
 from lora_prep.tasks.model.load_plan import plan_for_repo
+from lora_prep.tasks.model.quantization import bnb_config_dict
+from lora_prep.tasks.model.rules import remote_code_trusted
 from lora_prep.tasks.records.hub import RepoFacts
 from lora_prep.tasks.records.machine import HardwareProfile
-from lora_prep.tasks.records.plan import LoadPlan, Plan
+from lora_prep.tasks.records.plan import LoadPlan, ParameterCensus, Plan
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
 from lora_prep.tasks.tracking.store import check_tracking_uri, resolve_tracking_uri
 
@@ -78,20 +86,22 @@ def plan_prepare(
     """
     problems: list[LoraPrepError] = []
     load_plan: LoadPlan | None = None
-    too_big: DoesNotFit | None = None
-    try:
-        load_plan = plan_for_repo(profile, facts, load, revision, enforce_fit=False)
-    except LoraPrepError as exc:
-        problems.append(exc)
+    census: ParameterCensus | None = None
     targets = None
-    needs_code = bool(facts.config.get("auto_map"))
-    trusted = load_plan.trust_remote_code if load_plan is not None else False
-    if not needs_code or trusted:  # a skeleton of remote code only once the plan trusts it
+    trusted = remote_code_trusted(ModelFacts.from_repo_facts(facts, look_up_attention=False), load, revision)
+    if not ships_code(facts.config) or trusted:  # a skeleton of remote code only once the plan trusts it
         try:
             model = skeleton(facts.config, model_dir=_code_dir(facts, source) if trusted else None, trust_remote_code=trusted)
+            census = parameter_census(model)  # before PEFT wraps the skeleton: its LoRA layers are not the model's
             targets = plan_targets(model, lora)
+            census = census.model_copy(update={"adapter_params": targets.trainable_params or 0})
         except LoraPrepError as exc:
             problems.append(exc)
+    try:
+        load_plan = plan_for_repo(profile, facts, load, revision, census=census, enforce_fit=False)
+        load_plan = load_plan.model_copy(update={"quantization_config": bnb_config_dict(load_plan.quantization, load_plan.dtype)})
+    except LoraPrepError as exc:
+        problems.append(exc)
     try:
         parent = check_output_dir(output, create=create_output)
     except LoraPrepError as exc:
@@ -106,13 +116,12 @@ def plan_prepare(
         kind = RemoteCodeRefused if any(isinstance(p, RemoteCodeRefused) for p in problems) else InvalidInput
         raise kind("; ".join(str(p).rstrip(".") for p in problems) + ".")
     if enforce_fit and not load_plan.fits:
-        too_big = DoesNotFit(
+        raise DoesNotFit(
             load_plan.reasons["fit"].removeprefix("does not fit: "),
             repo_id=facts.repo_id,
             needed_bytes=load_plan.estimate_bytes + load_plan.overhead_bytes,
             available_bytes=load_plan.available_bytes,
         )
-        raise too_big
     return Plan(load=load_plan, targets=targets, artifact_parent=str(parent))
 
 

@@ -96,7 +96,10 @@ class LoadSettings(_Settings):
         description="Placement: auto, cpu, cuda, cuda:N, mps, or a module -> device dict (accelerate style).",
     )
     quantization: Quantization = Field(
-        title="Quantization", default="none", description="Load in 4 or 8 bit with bitsandbytes (CUDA only) for QLoRA."
+        title="Quantization",
+        default="none",
+        description="Load the base in 4 bit (NF4, QLoRA) or 8 bit (LLM.int8) with bitsandbytes, on any device its backends run on "
+        "(CUDA, and its CPU backend). It quantizes nn.Linear weights: embeddings, the head, norms and fused MoE experts stay in the compute dtype.",
     )
     max_memory: Annotated[dict[str, str], Field(title="Budgets")] | Default = Field(
         title="Memory budget per device",

@@ -424,6 +424,44 @@ def build_model_dir(
     return out
 
 
+# For k-bit loads: bitsandbytes' CPU kernels want layers at least one 64-weight block wide.
+_WIDE = {
+    "llama": dict(num_hidden_layers=2),
+    "qwen3_moe": dict(num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=TOP_K, decoder_sparse_step=1),
+    "jamba": dict(
+        num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=TOP_K, attn_layer_period=2, attn_layer_offset=1,
+        # dt_rank 64 and state 16: x_proj's 64 + 2 * 16 = 96 rows and dt_proj's 64 columns suit bitsandbytes' CPU
+        # inference packing (rows in 32s, columns in 64s), as real Jamba sizes do.
+        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=SSM_CONV, mamba_expand=SSM_EXPAND,
+        mamba_dt_rank=64,
+    ),
+}
+
+
+def build_wide_model_dir(arch: str, out: Path, *, width: int = 128, seed: int = 0, dtype: str = "bfloat16") -> Path:
+    """A tiny ``arch`` (llama, qwen3_moe, jamba) ``width`` wide, with the test tokenizer: for 4/8-bit loads,
+    whose kernels want layers at least one 64-weight block wide (the standard repos are 32 wide)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if arch not in _WIDE:
+        raise ValueError(f"no wide variant of {arch!r}; use one of {', '.join(_WIDE)}.")
+    heads = 4
+    sizes = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=heads, num_key_value_heads=2,
+                 max_position_embeddings=MAX_POSITIONS, vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if arch == "qwen3_moe":
+        sizes.update(head_dim=width // heads, moe_intermediate_size=width // 2)
+    torch_dtype = _torch_dtype(dtype)
+    cfg = AutoConfig.for_model(arch, **sizes, **_WIDE[arch])
+    cfg.dtype = torch_dtype
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch_dtype)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    out = Path(out)
+    model.save_pretrained(str(out))
+    save_tokenizer(out)
+    return out
+
+
 def build_big_model_dir(out: Path, hidden: int = 1024, layers: int = 8, *, seed: int = 0) -> Path:
     """A llama for benchmarks: defaults give ~115 M params, ~230 MB in bfloat16 (not used by tests).
 

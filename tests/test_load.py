@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ import torch
 from lora_prep.tasks.errors import InvalidInput, PickleRefused, RemoteCodeRefused
 from lora_prep.tasks.machine.hardware import probe_hardware
 from lora_prep.tasks.model.facts import ModelFacts
-from lora_prep.tasks.model.load import bnb_config, load_model
+from lora_prep.tasks.model.load import load_model
 from lora_prep.tasks.model.load_plan import plan_load
+from lora_prep.tasks.model.quantization import bnb_config
 from lora_prep.tasks.model.tokenizer import (
     NEW_PAD_TOKEN,
     choose_pad_token,
@@ -143,15 +145,15 @@ def test_flash_attention_without_fallbacks_fails_with_a_typed_error_naming_what_
 
 
 def test_an_import_error_that_is_not_about_attention_is_not_retried_with_another_kernel(profile, dirs, tmp_path, caplog):
-    # A pre-quantized (bitsandbytes) checkpoint on a machine without bitsandbytes: transformers raises
-    # ImportError, the same type as a missing flash-attn, but trying sdpa or eager cannot help.
-    prequantized = shutil.copytree(dirs["llama"], tmp_path / "prequantized")
-    config = json.loads((prequantized / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-    (prequantized / "config.json").write_text(json.dumps(config))
-    plan = plan_for(profile, dirs["llama"]).model_copy(update={"attn_fallbacks": ["eager"]})
-    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.model.load"), pytest.raises(ImportError, match="bitsandbytes") as err:
-        load_model(str(prequantized), plan, LoadSettings())
+    # A repo whose own (trusted) code needs a package this machine lacks: transformers raises ImportError,
+    # the same type as a missing flash-attn, but trying sdpa or eager cannot help.
+    needy = shutil.copytree(dirs["remote"], tmp_path / "needs-a-package")
+    code = next(needy.glob("modeling_*.py"))
+    code.write_text("import lora_prep_test_no_such_package  # noqa\n" + code.read_text())
+    settings = LoadSettings(trust_remote_code=True)
+    plan = plan_for(profile, needy, settings, revision=SHA).model_copy(update={"attn_fallbacks": ["sdpa", "eager"]})
+    with caplog.at_level(logging.WARNING, logger="lora_prep.tasks.model.load"), pytest.raises(ImportError, match="lora_prep_test_no_such_package") as err:
+        load_model(str(needy), plan, settings)
     assert not isinstance(err.value, InvalidInput)  # transformers' own error, not "no attention could be used"
     assert not any("trying eager" in r.getMessage() for r in caplog.records)
 
@@ -293,13 +295,14 @@ def test_gradient_checkpointing_with_lora_gives_gradients_to_lora_weights_only_a
     assert all(p.grad is None for n, p in named.items() if n not in lora_params)
 
 
-# --- quantization (CUDA only: what can be checked here) -----------------------------------------
+# --- quantization (loads on this CPU: tests/test_qlora.py) ----------------------------------------
 
 
-def test_a_4bit_plan_on_a_machine_without_bitsandbytes_is_refused_naming_the_fix(profile, dirs):
-    # The planner refuses 4bit without CUDA; a plan made on a GPU machine could still arrive here.
+def test_a_4bit_plan_on_a_machine_where_bitsandbytes_does_not_import_is_refused_naming_the_fix(profile, dirs, monkeypatch):
+    # A plan made on another machine, loaded where bitsandbytes is broken (None in sys.modules: its import raises).
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     plan = plan_for(profile, dirs["llama"]).model_copy(update={"quantization": "4bit", "dtype": "bfloat16"})
-    with pytest.raises(InvalidInput, match=r"needs bitsandbytes.*or use quantization=none$"):
+    with pytest.raises(InvalidInput, match=r"needs bitsandbytes.*pip install bitsandbytes, or use quantization=none$"):
         load_model(str(dirs["llama"]), plan, LoadSettings())
 
 

@@ -10,7 +10,7 @@ from lora_prep.tasks.errors import DoesNotFit, InvalidInput, RemoteCodeRefused
 from lora_prep.tasks.model.facts import ModelFacts
 from lora_prep.tasks.model.load_plan import parse_size, plan_load
 from lora_prep.tasks.model.rules import weights_bytes
-from lora_prep.tasks.records.machine import CudaDevice, HardwareProfile, PackageCheck
+from lora_prep.tasks.records.machine import CudaDevice, HardwareProfile, KbitBackend, PackageCheck
 from lora_prep.tasks.records.plan import LoadPlan
 from lora_prep.tasks.settings import LoadSettings
 
@@ -158,18 +158,40 @@ def test_4bit_on_cuda_costs_about_0_56_bytes_per_weight_with_embeddings_kept_in_
     assert weights_bytes(facts, "bfloat16", "8bit") == 900_000_000 + 100_000_000 * 2
 
 
-def test_quantization_on_a_cpu_machine_is_refused_saying_it_needs_cuda():
+def _kbit(machine_profile, *backends):
+    return machine_profile.model_copy(update={"bitsandbytes": IMPORTABLE, "kbit": list(backends)})
+
+
+def test_4bit_on_a_cpu_where_bitsandbytes_runs_it_is_planned_on_the_cpu_in_bfloat16():
+    p = plan(_kbit(CPU, KbitBackend(device="cpu", four_bit=True, eight_bit=True)), quantization="4bit")
+    assert (p.quantization, p.device_map, p.dtype) == ("4bit", "cpu", "bfloat16")
+    assert "on cpu" in p.reasons["quantization"] and "fused expert parameters stay in the compute dtype" in p.reasons["quantization"]
+
+
+def test_kbit_where_bitsandbytes_cannot_run_it_is_refused_with_bitsandbytes_own_reason():
+    no_8bit = _kbit(CPU, KbitBackend(device="cpu", four_bit=True, eight_bit=False, reason="8bit: NotImplementedError: no int8 kernel"))
     with pytest.raises(InvalidInput) as err:
-        plan(CPU, quantization="4bit")
+        plan(no_8bit, quantization="8bit")
     msg = str(err.value)
-    assert "load.quantization='4bit'" in msg and "no CUDA device" in msg and "lora-prep[gpu]" in msg
-    assert err.value.exit_code == 2
+    assert "load.quantization='8bit'" in msg and "on cpu" in msg and "no int8 kernel" in msg and err.value.exit_code == 2
+    with pytest.raises(InvalidInput, match="pip install bitsandbytes"):
+        plan(CPU, quantization="4bit")  # not installed at all
 
 
 def test_quantization_with_a_broken_bitsandbytes_names_its_import_error():
     broken = PackageCheck(installed=True, importable=False, version="0.45.0", error="OSError: libcudart.so.12: cannot open")
+    why = "bitsandbytes does not import (OSError: libcudart.so.12: cannot open)"
+    profile = machine([gpu(0, "NVIDIA L4", "8.9", 24, 22)], bnb=broken).model_copy(update={"kbit": [
+        KbitBackend(device=d, four_bit=False, eight_bit=False, reason=why) for d in ("cpu", "cuda")]})
     with pytest.raises(InvalidInput, match="libcudart.so.12"):
-        plan(machine([gpu(0, "NVIDIA L4", "8.9", 24, 22)], bnb=broken), quantization="8bit")
+        plan(profile, quantization="8bit")
+
+
+def test_kbit_offloading_to_cpu_beside_a_gpu_is_refused_as_transformers_would():
+    profile = _kbit(machine([gpu(0, "NVIDIA L4", "8.9", 24, 22)]), KbitBackend(device="cpu", four_bit=True, eight_bit=True),
+                    KbitBackend(device="cuda", four_bit=True, eight_bit=True))
+    with pytest.raises(InvalidInput, match="cannot offload to cpu"):
+        plan(profile, quantization="4bit", device_map={"model.embed_tokens": 0, "lm_head": "cpu"})
 
 
 # --- explicit settings that cannot work ----------------------------------------
@@ -309,7 +331,7 @@ def test_model_too_big_for_a_cpu_machine_suggests_bfloat16_and_a_cuda_machine_wi
         plan(machine(ram_gib=16), model(params=7_000_000_000), dtype="float32")
     msg = str(err.value)
     assert "cpu has 16.00 GiB available" in msg
-    assert "dtype=bfloat16 (" in msg and "quantization=4bit on a CUDA machine (" in msg
+    assert "dtype=bfloat16 (" in msg and "quantization=4bit (" in msg and "bitsandbytes is not installed" in msg
 
 
 def test_user_max_memory_below_free_gpu_memory_limits_the_fit():

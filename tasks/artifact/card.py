@@ -8,7 +8,17 @@ from lora_prep.tasks.records.manifest import Manifest
 
 def model_card(manifest: Manifest) -> str:
     base = manifest.base_model
-    if base.source == "hub":
+    if manifest.load_used.quantization_config:  # rebuild the same k-bit base: transformers' own config, as recorded
+        where = f'"{base.name_or_path}", revision="{base.commit_sha}"' if base.source == "hub" else f'"{base.name_or_path}"'
+        peft_load = (
+            'import json, torch\nfrom transformers import BitsAndBytesConfig\n\n'
+            'manifest = json.load(open("path/to/this/directory/manifest.json"))\n'
+            'quantization = BitsAndBytesConfig.from_dict(manifest["load_used"]["quantization_config"])\n'
+            f"base = AutoModelForCausalLM.from_pretrained({where}, quantization_config=quantization,\n"
+            f'                                            dtype=torch.{manifest.load_plan.dtype}, device_map="auto")\n'
+            'model = PeftModel.from_pretrained(base, "path/to/this/directory/adapter")'
+        )
+    elif base.source == "hub":
         peft_load = (
             f'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory/adapter")  '
             f"# fetches {base.name_or_path} at {(base.commit_sha or '')[:12]}"

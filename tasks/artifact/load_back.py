@@ -159,7 +159,7 @@ def load_adapter_ready(
     check_base_files(manifest, snapshot)
 
     notes: list[str] = []
-    profile = probe_hardware(source.cache_dir)
+    profile = probe_hardware(source.cache_dir, kbit=settings.quantization != "none")
     if _hardware_key(profile.model_dump(mode="json")) == _hardware_key(manifest.hardware.model_dump(mode="json")):
         plan, replanned = manifest.load_plan, False
     else:

@@ -39,9 +39,15 @@ def load_row(plan: LoadPlan) -> Row:
 def memory_row(plan: LoadPlan) -> Row:
     need = plan.estimate_bytes + plan.overhead_bytes
     return "memory", (
-        f"needs {format_bytes(need)} ({format_bytes(plan.estimate_bytes)} weights + {format_bytes(plan.overhead_bytes)} margin) "
+        f"needs {format_bytes(need)} ({format_bytes(plan.estimate_bytes)} model + {format_bytes(plan.overhead_bytes)} margin) "
         f"of {format_bytes(plan.available_bytes)} available"
     )
+
+
+def memory_part_rows(plan: LoadPlan) -> list[Row]:
+    """The estimate by class: what a k-bit load quantizes, and what stays in the compute dtype and why."""
+    return [("", f"{part.name}: {part.params:,} parameters as {part.stored_as}, {format_bytes(part.bytes)}") if part.params
+            else ("", f"{part.name}: {format_bytes(part.bytes)}") for part in plan.memory]
 
 
 def lora_rows(settings: LoraSettings, targets: TargetPlan) -> list[Row]:
@@ -95,6 +101,7 @@ def plan_rows(report: PlanReport) -> list[Row]:
     rows += [
         load_row(report.plan),
         memory_row(report.plan),
+        *memory_part_rows(report.plan),
         *reason_rows(report.plan),
         *lora_rows(report.lora, report.targets),
         params_row(report.targets.total_params, report.targets.trainable_params),
@@ -111,6 +118,7 @@ def manifest_rows(manifest: Manifest) -> list[Row]:
         model_row(base.name_or_path, pin_of(base.commit_sha, base.content_digest), base.revision),
         load_row(manifest.load_plan),
         memory_row(manifest.load_plan),
+        *memory_part_rows(manifest.load_plan),
         *lora_rows(manifest.lora.settings, manifest.lora.targets),
         params_row(manifest.parameters.total, manifest.parameters.trainable),
     ]

@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 
 from lora_prep.tasks.common.units import format_bytes
-from lora_prep.tasks.records.machine import CudaDevice, HardwareProfile, PackageCheck
+from lora_prep.tasks.machine.kbit import probe_kbit
+from lora_prep.tasks.records.machine import CudaDevice, HardwareProfile, KbitBackend, PackageCheck
 
 # --- the probe (side effects) ------------------------------------------------
 
@@ -83,14 +84,19 @@ def _cpu_bf16_native() -> bool:
     return False
 
 
-def check_package(module: str, distribution: str) -> PackageCheck:
-    """Installed? importable? Never raises: a missing or broken optional package is a result."""
+def check_package(module: str, distribution: str, *, try_import: bool = True) -> PackageCheck:
+    """Installed? importable? Never raises: a missing or broken optional package is a result.
+
+    try_import=False: installed and its version only (importing bitsandbytes costs seconds; it is
+    imported when a k-bit load is planned, by the k-bit probe)."""
     if importlib.util.find_spec(module) is None:
         return PackageCheck()
     try:
         version = importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         version = None
+    if not try_import:
+        return PackageCheck(installed=True, importable=False, version=version, error="not imported (no k-bit load asked)")
     try:
         importlib.import_module(module)
     except Exception as exc:  # broken CUDA builds raise ImportError, OSError, RuntimeError...
@@ -126,8 +132,11 @@ def _accelerate_max_memory() -> dict[str, int]:
         return {}
 
 
-def probe_hardware(cache_dir: str | None = None) -> HardwareProfile:
-    """Measure this machine now. Imports torch; reads CUDA/MPS state; never raises for a missing device."""
+def probe_hardware(cache_dir: str | None = None, kbit: bool = True) -> HardwareProfile:
+    """Measure this machine now. Imports torch; reads CUDA/MPS state; never raises for a missing device.
+
+    kbit: also ask bitsandbytes what it can do on each device kind here (imports it: seconds; the flow
+    asks only when the load is to be 4 or 8 bit)."""
     import torch
 
     cache_dir = cache_dir or default_cache_dir()
@@ -140,6 +149,13 @@ def probe_hardware(cache_dir: str | None = None) -> HardwareProfile:
 
     cuda_available = bool(torch.cuda.is_available())
     mps_backend = getattr(torch.backends, "mps", None)
+    mps_available = bool(mps_backend and mps_backend.is_available())
+    kinds = ["cpu", *(["cuda"] if cuda_available else []), *(["mps"] if mps_available else [])]
+    backends = probe_kbit(kinds) if kbit else None
+    bnb = check_package("bitsandbytes", "bitsandbytes", try_import=False)  # probe_kbit imported it (or said why not)
+    if backends is not None and bnb.installed:
+        failed = next((b.reason for b in backends if b.reason and b.reason.startswith("bitsandbytes does not import")), None)
+        bnb = bnb.model_copy(update={"importable": failed is None, "error": failed})
     return HardwareProfile(
         cpu_count=_cpu_count(),
         cpu_bf16_native=_cpu_bf16_native(),
@@ -150,9 +166,10 @@ def probe_hardware(cache_dir: str | None = None) -> HardwareProfile:
         torch_version=torch.__version__,
         cuda_available=cuda_available,
         cuda_devices=_cuda_devices(torch) if cuda_available else [],
-        mps_available=bool(mps_backend and mps_backend.is_available()),
+        mps_available=mps_available,
         flash_attn=check_package("flash_attn", "flash-attn"),
-        bitsandbytes=check_package("bitsandbytes", "bitsandbytes"),
+        bitsandbytes=bnb,
+        kbit=backends,
         accelerate_max_memory=_accelerate_max_memory(),
         platform=platform.platform(),
         python=platform.python_version(),
@@ -169,6 +186,11 @@ def _package_line(check: PackageCheck) -> str:
     return f"{version}, importable" if check.importable else f"{version}, NOT importable ({check.error})"
 
 
+def _kbit_line(backend: KbitBackend) -> str:
+    modes = [m for m, ok in (("4bit", backend.four_bit), ("8bit", backend.eight_bit)) if ok]
+    return f"{', '.join(modes) or 'none'}" + (f" ({backend.reason})" if backend.reason else "")
+
+
 def format_profile(profile: HardwareProfile) -> str:
     rows = [
         ("platform", f"{profile.platform} (Python {profile.python}, torch {profile.torch_version or 'not installed'})"),
@@ -179,6 +201,7 @@ def format_profile(profile: HardwareProfile) -> str:
         ("MPS", "available" if profile.mps_available else "not available"),
         ("flash-attn", _package_line(profile.flash_attn)),
         ("bitsandbytes", _package_line(profile.bitsandbytes)),
+        *((f"  4/8-bit on {b.device}", _kbit_line(b)) for b in profile.kbit or []),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["Hardware profile"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]

@@ -22,6 +22,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Any
 
 from lora_prep.tasks.errors import InvalidInput, LoraPrepError
 from lora_prep.tasks.records.build import CheckRecord
@@ -154,12 +155,23 @@ def _refusal(broke: _Broke) -> LoraPrepError:
     )
 
 
+def _keep_kbit_layers_training(model: Any) -> None:
+    """bitsandbytes' 4-bit layers stay in training mode (they have no dropout): in eval mode, on a CPU with
+    AVX512-BF16, bitsandbytes 0.50 repacks a layer's weight in place for inference on its first forward
+    (un-nesting the double-quantized absmax, so the model grows, and failing for layers narrower than its
+    64-weight block). The check is a training step; the model must leave it as it entered."""
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            module.train()
+
+
 def run_check(peft_model, tokenizer, *, backward: bool = True) -> CheckRecord:
     """Forward (and backward) on a few tokens through one layer of each kind; raises InvalidInput naming
     the LoRA module that broke the model."""
     started = time.perf_counter()
     was_training = peft_model.training
     peft_model.eval()  # no dropout: the check is deterministic; gradients still flow
+    _keep_kbit_layers_training(peft_model)
     ids = _ids(tokenizer, peft_model.get_input_embeddings().weight.device)
     layers = decoder_layers(peft_model)
     total = len(layers) if layers is not None else 0

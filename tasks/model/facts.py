@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from lora_prep.tasks.records.base import Record
+from lora_prep.tasks.records.plan import ParameterCensus
 
 # config dtype -> bytes per element, to estimate params of pickle-only repos
 CONFIG_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def attention_support(architecture: str | None) -> tuple[bool | None, bool | None]:
@@ -43,7 +42,7 @@ def _text_config(config: dict) -> dict:
     return {**(config.get("text_config") or {}), **config}
 
 
-class ModelFacts(_Record):
+class ModelFacts(Record):
     """What the plan needs to know about a model, from config.json and safetensors headers only."""
 
     repo_id: str = Field(description="Hub id, or the absolute path of a local model directory.")
@@ -66,6 +65,7 @@ class ModelFacts(_Record):
     )
     supports_sdpa: bool | None = Field(default=None, description="transformers' _supports_sdpa for the class; None: unknown.")
     supports_flash_attn: bool | None = Field(default=None, description="transformers' _supports_flash_attn; None: unknown.")
+    census: ParameterCensus | None = Field(default=None, description="Parameters by how a load stores them, counted on the skeleton.")
 
     @model_validator(mode="before")
     @classmethod

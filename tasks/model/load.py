@@ -16,6 +16,7 @@ pad token has to be added (see ``docs/PADDING.md``).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,12 +25,14 @@ from typing import Any, Union
 
 from lora_prep.tasks.errors import InvalidInput
 from lora_prep.tasks.hub.selection import snapshot_weight_format
+from lora_prep.tasks.machine.kbit import quiet_bitsandbytes
+from lora_prep.tasks.model.quantization import bnb_config, prepare_for_kbit_training, quantization_label
 from lora_prep.tasks.model.tokenizer import (
     check_remote_code,
     fit_embeddings_to_tokenizer,
     load_tokenizer,
 )
-from lora_prep.tasks.records.build import LoadReport
+from lora_prep.tasks.records.build import KbitPreparation, LoadReport
 from lora_prep.tasks.records.plan import LoadPlan
 from lora_prep.tasks.settings import LoadSettings
 
@@ -70,29 +73,6 @@ def _raised_by_attention_check(exc: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
-
-
-def bnb_config(plan: LoadPlan):
-    """The BitsAndBytesConfig for a 4/8-bit plan (None for none). Builds the config only; bitsandbytes is imported by load_model."""
-    if plan.quantization == "none":
-        return None
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if plan.quantization == "4bit":
-        # QLoRA's recipe: NF4 weights, double quantization of the absmax scales (saves ~0.37 bit/param),
-        # matmuls in the plan's 16-bit dtype.
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _quantization_label(plan: LoadPlan) -> str:
-    return {"none": "none", "4bit": f"4bit nf4 double-quant compute={plan.dtype}", "8bit": "8bit LLM.int8"}[plan.quantization]
 
 
 def _device_map_for_accelerate(value):
@@ -141,16 +121,9 @@ def _from_pretrained(snapshot_dir: str, plan: LoadPlan, kwargs: dict) -> tuple[A
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _prepare_for_training(model, plan: LoadPlan) -> bool:
-    """Gradient checkpointing and k-bit preparation; returns whether prepare_model_for_kbit_training ran."""
-    kbit = plan.quantization != "none"
-    if kbit:
-        from peft import prepare_model_for_kbit_training
-
-        # Freezes the base, upcasts the remaining 16-bit params (norms, embeddings) to float32 for stable
-        # training. Checkpointing is enabled below, one code path for quantized and plain loads: peft would
-        # call the deprecated gradient_checkpointing_enable and, with use_reentrant=False, nothing more.
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+def _prepare_for_training(model: Any, plan: LoadPlan) -> KbitPreparation | None:
+    """Gradient checkpointing and, for a 4/8-bit model, its training preparation (recorded)."""
+    kbit = prepare_for_kbit_training(model, input_grads=plan.gradient_checkpointing) if plan.quantization != "none" else None
     if plan.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise InvalidInput(f"{type(model).__name__} does not support gradient checkpointing: set load.gradient_checkpointing=false")
@@ -164,6 +137,39 @@ def _prepare_for_training(model, plan: LoadPlan) -> bool:
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
         model.enable_input_require_grads()
     return kbit
+
+
+def resident_bytes(model: Any) -> int:
+    """What a model holds, each tensor once: parameters, buffers, and bitsandbytes' quantization state (absmax,
+    codes, row scales: not parameters, so not in get_memory_footprint). On CPU a memory-mapped weight counts as
+    resident here: this is the size once every weight has been read."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(tensor: Any) -> None:
+        nonlocal total
+        if tensor is None or not hasattr(tensor, "untyped_storage"):
+            return
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen:
+            return
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        add(tensor)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            add(state.absmax)
+            add(state.code)
+            if state.nested:
+                add(state.offset)
+                add(state.state2.absmax)
+                add(state.state2.code)
+        add(getattr(weight, "SCB", None))
+    return total
 
 
 def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, allow_pickle: bool = False) -> LoadedModel:
@@ -185,11 +191,12 @@ def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, all
     quantization_config = bnb_config(plan)
     if quantization_config is not None:
         try:
-            import bitsandbytes  # noqa: F401  (CUDA-only wheel: imported for quantized loads only)
-        except Exception as exc:  # broken CUDA builds raise OSError/RuntimeError as well as ImportError
+            with quiet_bitsandbytes():
+                import bitsandbytes  # noqa: F401  (imported for quantized loads only: ~3 s)
+        except Exception as exc:  # broken native builds raise OSError/RuntimeError as well as ImportError
             raise InvalidInput(
                 f"load.quantization={plan.quantization!r} needs bitsandbytes, which does not import here ({type(exc).__name__}): "
-                "install the gpu extra (pip install 'lora-prep[gpu]') on a CUDA machine, or use quantization=none"
+                "pip install bitsandbytes, or use quantization=none"
             ) from exc
 
     tokenizer, strategy = load_tokenizer(str(snapshot), trust_remote_code=trusted)
@@ -214,6 +221,7 @@ def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, all
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     kbit = _prepare_for_training(model, plan)
+    recorded = getattr(model.config, "quantization_config", None)
     attn_used = model.config._attn_implementation
     if tried:
         log.warning("attention: planned %s, using %s (failed: %s)", plan.attn_implementation, attn_used, ", ".join(tried))
@@ -222,14 +230,17 @@ def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, all
         attn_implementation=str(attn_used),
         attn_fallbacks_tried=tried,
         device_map=_placement(model),
-        quantization=_quantization_label(plan),
+        quantization=quantization_label(plan),
+        quantization_config=json.loads(recorded.to_json_string(use_diff=False)) if hasattr(recorded, "to_json_string") else None,
+        kbit_preparation=kbit,
+        memory_bytes=resident_bytes(model),
         pad_token=tokenizer.pad_token,
         pad_token_id=tokenizer.pad_token_id,
         pad_token_strategy=strategy,
         embeddings_resized=resized,
         gradient_checkpointing=plan.gradient_checkpointing,
         trust_remote_code=trusted,
-        kbit_prepared=kbit,
+        kbit_prepared=kbit is not None,
         seconds=round(time.perf_counter() - started, 3),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, report=report)

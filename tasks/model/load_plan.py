@@ -11,8 +11,6 @@ ModelFacts (tasks/model/facts.py) is what it knows about the model.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lora_prep.tasks.common.units import format_bytes
 from lora_prep.tasks.common.units import parse_size as _parse_size
 from lora_prep.tasks.errors import DoesNotFit, InvalidInput
@@ -29,11 +27,14 @@ from lora_prep.tasks.model.rules import (
     _Problems,
     _remote_code,
     _resolve_target,
+    kbit_support,
+    memory,
     overhead_bytes,
     weights_bytes,
 )
+from lora_prep.tasks.records.hub import RepoFacts
 from lora_prep.tasks.records.machine import HardwareProfile
-from lora_prep.tasks.records.plan import LoadPlan
+from lora_prep.tasks.records.plan import LoadPlan, ParameterCensus
 from lora_prep.tasks.settings import LoadSettings
 
 
@@ -65,17 +66,15 @@ def _fit_options(profile, facts, target, dtype, quant, budgets, max_memory, used
         w = weights_bytes(facts, d, q)
         return w + overhead_bytes(w, len(used))
 
-    has_cuda = profile.cuda_available and bool(profile.cuda_devices)
     no_bf16 = any(not d.bf16 for d in profile.cuda_devices if d.index in target.gpus)
     half = "float16" if target.kind == "mps" or no_bf16 else "bfloat16"
     if quant == "none" and dtype == "float32" and need(half) <= available:
         options.append(f"dtype={half} ({format_bytes(need(half))})")
     if quant != "4bit":
         compute = half if dtype == "float32" else dtype
-        if not has_cuda:
-            options.append(f"quantization=4bit on a CUDA machine ({format_bytes(need(compute, '4bit'))})")
-        elif target.kind in ("cuda", "map") and need(compute, "4bit") <= available:
-            extra = "" if profile.bitsandbytes.importable else "; install the gpu extra: pip install 'lora-prep[gpu]'"
+        if need(compute, "4bit") <= available:
+            runs, why = kbit_support(profile, "cuda" if target.kind in ("cuda", "map") else target.kind, "4bit")
+            extra = "" if runs else f"; bitsandbytes' 4bit does not run here yet: {why}"
             options.append(f"quantization=4bit ({format_bytes(need(compute, '4bit'))}{extra})")
     n = len(profile.cuda_devices)
     if target.kind == "cuda" and target.explicit and n > 1:
@@ -185,6 +184,7 @@ def plan_load(
         trust_remote_code=trust,
         target_device=target_device,
         estimate_bytes=weights,
+        memory=memory(facts, dtype, quant),
         overhead_bytes=overhead,
         available_bytes=available,
         fits=fits,
@@ -193,7 +193,9 @@ def plan_load(
 
 
 def plan_for_repo(
-    profile: HardwareProfile, repo_facts: Any, settings: LoadSettings, requested_revision: str | None, *, enforce_fit: bool = True
+    profile: HardwareProfile, repo_facts: RepoFacts, settings: LoadSettings, requested_revision: str | None, *,
+    census: ParameterCensus | None = None, enforce_fit: bool = True,
 ) -> LoadPlan:
-    """plan_load from tasks/resolve.py's RepoFacts."""
-    return plan_load(profile, ModelFacts.from_repo_facts(repo_facts), settings, requested_revision, enforce_fit=enforce_fit)
+    """plan_load from the resolve stage's RepoFacts (and the skeleton's census, when the plan stage built one)."""
+    facts = ModelFacts.from_repo_facts(repo_facts).model_copy(update={"census": census})
+    return plan_load(profile, facts, settings, requested_revision, enforce_fit=enforce_fit)

@@ -13,22 +13,23 @@ from typing import Literal
 
 from lora_prep.tasks.common.units import MiB, format_bytes
 from lora_prep.tasks.errors import InvalidInput, LoraPrepError, RemoteCodeRefused
+from lora_prep.tasks.model.census import memory_parts
 from lora_prep.tasks.model.facts import ModelFacts
 from lora_prep.tasks.records.machine import HardwareProfile
+from lora_prep.tasks.records.plan import MemoryPart
 from lora_prep.tasks.settings import LoadSettings, is_full_sha
 
 # --- sizes and margins ---------------------------------------------------------
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# bitsandbytes bytes per quantized (linear-layer) parameter:
-#   4bit NF4: 0.5 B + one fp32 absmax per 64-weight block = 0.5 + 4/64 = 0.5625 B. Without double
-#     quantization, so an upper bound: tasks/model/load.py double-quantizes the absmax (~0.52 B per weight).
-#   8bit LLM.int8: 1 B + one fp32 scale per output row (< 0.1% at hidden >= 1024, left to the margin)
+# Without the skeleton's census (a model whose skeleton could not be built is refused; synthetic facts in
+# tests): bitsandbytes bytes per parameter, as if every non-embedding parameter were a quantized linear weight:
+#   4bit NF4: 0.5 B + one fp32 absmax per 64-weight block = 0.5625 B; 8bit LLM.int8: 1 B (+ row scales).
+# With the census (every real plan), each class is priced as stored: tasks/model/census.py.
 QUANT_BYTES_PER_PARAM = {"4bit": 0.5625, "8bit": 1.0}
-# Margin on top of the weights, per placement:
-#   10% of the weight bytes: the LoRA adapter (PEFT keeps A/B in fp32: r=64 on every linear layer of a
-#     7B model is ~160M params = 0.64 GB, ~5% of its bf16 weights), allocator fragmentation, and the
-#     one-shard staging buffer of a load with a dtype change;
+# Margin on top of the estimate, per placement:
+#   10% of the estimate: allocator fragmentation, and the one-shard staging buffer of a load with a dtype
+#     change or a quantization (the adapter itself is in the estimate);
 #   512 MiB per device: a CUDA context with cuBLAS workspace takes 300-500 MiB in a fresh process; on CPU
 #     it stands for the torch/transformers runtime itself, which dominates for small models.
 # This is a load-and-wrap budget: training activations and optimizer state come on top, set by the batch.
@@ -42,8 +43,15 @@ NO_SDPA_MODEL_TYPES = frozenset(
 )  # fmt: skip
 
 
+def memory(facts: ModelFacts, dtype: str, quantization: str = "none") -> list[MemoryPart]:
+    """The estimate by class (the census priced in ``dtype``); empty without a census."""
+    return memory_parts(facts.census, dtype, quantization) if facts.census is not None else []
+
+
 def weights_bytes(facts: ModelFacts, dtype: str, quantization: str = "none") -> int:
-    """Bytes of the weights once loaded in ``dtype``; embeddings stay in ``dtype`` under bitsandbytes."""
+    """Bytes the loaded, LoRA-wrapped model holds in ``dtype`` / ``quantization`` (the census's classes, when known)."""
+    if facts.census is not None:
+        return sum(part.bytes for part in memory(facts, dtype, quantization))
     if quantization == "none":
         return facts.param_count * DTYPE_BYTES[dtype]
     kept = facts.embedding_params
@@ -176,6 +184,10 @@ def _choose_dtype(profile, facts, settings, target, budgets, problems) -> tuple[
     if target.kind == "mps":
         # bf16 on MPS needs macOS 14+; fp16 works on every Apple GPU torch supports. Kept simple on purpose.
         return "float16", f"float16: Apple MPS (bfloat16 only on recent macOS, not probed); weights stored as {stored}"
+    if settings.quantization != "none":
+        # A k-bit load is about memory: what bitsandbytes leaves unquantized (embeddings, the head, norms, fused
+        # experts) and the dequantized matmuls take half of float32's bytes in bfloat16, as QLoRA computes.
+        return "bfloat16", f"bfloat16: the compute dtype of a {settings.quantization} load on CPU (half of float32 for what stays unquantized); weights stored as {stored}"
     # CPU: float32, the safe default for correctness: bf16 matmuls are slow on x86 without AMX/AVX512-BF16
     # and fp16 is slower still, and CPU training wants fp32 accumulation anyway. Kept even on CPUs with
     # bf16 instructions, so the same settings give the same artifact on every CPU machine. One exception:
@@ -195,27 +207,46 @@ def _choose_dtype(profile, facts, settings, target, budgets, problems) -> tuple[
     )
 
 
-def _choose_quantization(profile, settings, target, problems) -> str:
+def _device_kinds(settings: LoadSettings, target: _Target) -> list[str]:
+    """The device kinds a placement uses ("cpu", "cuda", "mps", "disk"), as bitsandbytes names its backends."""
+    if target.kind == "map" and isinstance(settings.device_map, dict):
+        keys = {_device_key(v) for v in settings.device_map.values()}
+        return sorted({"cuda" if k and k.isdigit() else str(k) for k in keys})
+    return [target.kind]
+
+
+def kbit_support(profile: HardwareProfile, kind: str, quantization: str) -> tuple[bool, str]:
+    """(runs, why not) for a 4/8-bit load on a device kind, from what the probe asked bitsandbytes."""
+    bnb = profile.bitsandbytes
+    if not bnb.installed:
+        return False, "bitsandbytes is not installed (pip install bitsandbytes)"
+    if profile.kbit is None:  # a profile made without asking bitsandbytes (an old manifest, a hand-made profile)
+        return bool(bnb.importable or bnb.installed), f"bitsandbytes {bnb.version} was not asked what it runs"
+    backend = next((b for b in profile.kbit if b.device == kind), None)
+    if backend is None:
+        return False, f"bitsandbytes was not asked about {kind} (the probe saw no such device)"
+    runs = backend.four_bit if quantization == "4bit" else backend.eight_bit
+    return runs, backend.reason or ""
+
+
+def _choose_quantization(profile: HardwareProfile, settings: LoadSettings, target: _Target, problems: _Problems) -> str:
     q = settings.quantization
     if q == "none":
         return "none: full-precision weights in the planned dtype"
-    blockers = []
-    if not (profile.cuda_available and profile.cuda_devices):
-        blockers.append("this machine has no CUDA device")
-    elif target.kind in ("cpu", "mps"):
-        blockers.append(f"the model is placed on {target.kind} (load.device_map={settings.device_map!r})")
-    bnb = profile.bitsandbytes
-    if not bnb.installed:
-        blockers.append("bitsandbytes is not installed (install the gpu extra: pip install 'lora-prep[gpu]')")
-    elif not bnb.importable:
-        blockers.append(f"bitsandbytes {bnb.version} does not import ({bnb.error}): reinstall it for this CUDA")
-    if blockers:
-        problems.add(
-            InvalidInput,
-            f"load.quantization={q!r} needs CUDA and bitsandbytes, but {' and '.join(blockers)}: use quantization=none",
-        )
-    bytes_per = QUANT_BYTES_PER_PARAM[q]
-    return f"{q}: bitsandbytes, {bytes_per} B per linear-layer weight; embeddings stay in the compute dtype"
+    kinds = _device_kinds(settings, target)
+    if "disk" in kinds or (len(kinds) > 1 and "cpu" in kinds):
+        # transformers refuses a bitsandbytes load that offloads part of the model to CPU or disk (unless those
+        # modules are kept unquantized in float32, llm_int8_enable_fp32_cpu_offload, which defeats the point).
+        problems.add(InvalidInput, f"load.quantization={q!r} cannot offload to {' or '.join(k for k in kinds if k in ('cpu', 'disk'))} "
+                                   f"(load.device_map={settings.device_map!r}): place the whole model on the GPUs or on cpu, or use quantization=none")
+    for kind in [k for k in kinds if k != "disk"]:
+        runs, why = kbit_support(profile, kind, q)
+        if not runs:
+            problems.add(InvalidInput, f"load.quantization={q!r} needs bitsandbytes' {q} on {kind}, which does not run here ({why}): "
+                                       "use quantization=none, or a device where bitsandbytes runs it")
+    how = "NF4, double-quantized absmax" if q == "4bit" else "LLM.int8, a float32 scale per row"
+    return (f"{q}: bitsandbytes {profile.bitsandbytes.version or ''} on {', '.join(kinds)} ({how}); it quantizes nn.Linear weights only: "
+            "embeddings, the head, norms, biases and fused expert parameters stay in the compute dtype")
 
 
 def _sdpa_status(facts: ModelFacts) -> bool | None:
@@ -279,7 +310,14 @@ def _choose_attn(profile, facts, settings, target, dtype, problems) -> tuple[str
     return "eager", [], f"eager: {what} does not support sdpa in transformers"
 
 
-def _remote_code(facts, settings, requested_revision, problems) -> tuple[bool, str]:
+def remote_code_trusted(facts: ModelFacts, settings: LoadSettings, requested_revision: str | None) -> bool:
+    """The repo's own code may run: it ships some, the settings allow it, and the revision pins it (see _remote_code)."""
+    problems = _Problems()
+    trusted, _ = _remote_code(facts, settings, requested_revision, problems)
+    return trusted and not problems.items
+
+
+def _remote_code(facts: ModelFacts, settings: LoadSettings, requested_revision: str | None, problems: _Problems) -> tuple[bool, str]:
     """Remote code only when allowed AND pinned, so the code that runs is the code you read:
     a Hub repo at a full commit sha; a local directory at the digest of its *.py files."""
     if not facts.remote_code:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 from pydantic import Field
 
 from lora_prep.tasks.records.base import Record
+
+
+class KbitPreparation(Record):
+    """What preparing a 4/8-bit model for training changed (tasks/model/quantization.py says why)."""
+
+    frozen_params: int = Field(ge=0, description="Base parameters frozen (requires_grad off).")
+    upcast_to_float32: list[str] = Field(default_factory=list, description="Parameter classes cast to float32 (none, by choice).")
+    upcast_bytes: int = Field(default=0, ge=0, description="Bytes the upcast added to the model (part of the plan's estimate).")
+    reason: str
 
 
 class LoadReport(Record):
@@ -29,7 +38,16 @@ class LoadReport(Record):
     )
     gradient_checkpointing: bool
     trust_remote_code: bool
-    kbit_prepared: bool = Field(description="peft.prepare_model_for_kbit_training ran (4/8-bit loads).")
+    kbit_prepared: bool = Field(description="The 4/8-bit model was prepared for training (see kbit_preparation).")
+    kbit_preparation: KbitPreparation | None = None
+    quantization_config: dict[str, Any] | None = Field(
+        default=None,
+        description="The loaded model's BitsAndBytesConfig.to_dict() ('quant_method': 'bitsandbytes'): "
+        "BitsAndBytesConfig.from_dict rebuilds the same k-bit base anywhere.",
+    )
+    memory_bytes: int | None = Field(
+        default=None, description="What the loaded model holds: parameters, buffers and quantization state, each tensor once."
+    )
     seconds: float = Field(description="Wall time of tokenizer + model load and training preparation.")
 
 

@@ -30,6 +30,15 @@ class PackageCheck(Record):
     error: str | None = Field(default=None, description="First line of the import error, when installed but not importable.")
 
 
+class KbitBackend(Record):
+    """What bitsandbytes does on one kind of device, asked of bitsandbytes itself (a tiny quantize/dequantize)."""
+
+    device: str = Field(description='The device kind tried: "cpu", "cuda", "mps", ...')
+    four_bit: bool = Field(description="NF4 quantize + dequantize ran and gave back the tensor.")
+    eight_bit: bool = Field(description="LLM.int8 row-wise quantize + dequantize ran and gave back the tensor.")
+    reason: str | None = Field(default=None, description="bitsandbytes' own words when a mode does not run there.")
+
+
 class HardwareProfile(Record):
     cpu_count: int = Field(ge=1, description="CPU cores this process may use (affinity mask), not the host's total.")
     cpu_bf16_native: bool = Field(default=False, description="CPU has bfloat16 instructions (AMX-BF16 / AVX512-BF16 on x86, bf16 on Arm).")
@@ -46,6 +55,10 @@ class HardwareProfile(Record):
     mps_available: bool = False
     flash_attn: PackageCheck = Field(default_factory=PackageCheck)
     bitsandbytes: PackageCheck = Field(default_factory=PackageCheck)
+    kbit: list[KbitBackend] | None = Field(
+        default=None,
+        description="bitsandbytes' 4/8-bit support per device kind of this machine; None when not asked (no k-bit load planned).",
+    )
     accelerate_max_memory: dict[str, int] = Field(
         default_factory=dict, description='accelerate.utils.get_max_memory(): {"0": bytes, "cpu": bytes}, keys as strings.'
     )

@@ -3,7 +3,7 @@ together with the artifact's place (``Plan``), and the dry run's report (``PlanR
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import Field
 
@@ -24,6 +24,43 @@ def parameter_leaves(names: list[str]) -> list[str]:
     return sorted({".".join(n.split(".")[-3:]) if n.endswith(".weight") else n.rsplit(".", 1)[-1] for n in names})
 
 
+class ParameterCensus(Record):
+    """The model's parameters by how a load stores them, counted on its skeleton (shapes, no bytes).
+
+    bitsandbytes quantizes ``nn.Linear`` (and GPT-2's ``Conv1D``) weights only, minus the modules transformers
+    keeps out (the output head, tied weights, the last module, ``_keep_in_fp32_modules``, ``llm_int8_skip_modules``);
+    everything else stays in the compute dtype: embeddings, norms, biases, and transformers 5's fused 3-D expert
+    parameters (most of a mixture-of-experts model).
+    """
+
+    linear_weight_params: int = Field(ge=0, description="Weights of the nn.Linear/Conv1D layers bitsandbytes would quantize.")
+    linear_layers: int = Field(ge=0, description="How many such layers (each carries its own quantization state).")
+    linear_rows: int = Field(ge=0, description="Their output rows, summed (8-bit keeps one float32 scale per row).")
+    linear_blocks: int = Field(ge=0, description="Their 4-bit blocks of 64 weights, summed per layer (one absmax each).")
+    linear_nested_blocks: int = Field(ge=0, description="Blocks of 256 absmax values, summed per layer (double quantization).")
+    kept_linear_params: int = Field(ge=0, description="Weights of linear layers left unquantized (head, tied, skipped).")
+    embedding_params: int = Field(ge=0, description="nn.Embedding weights.")
+    expert_params: int = Field(ge=0, description="Fused 3-D expert parameters (transformers 5 MoE): never quantized.")
+    other_params: int = Field(ge=0, description="Norms, biases, convolutions and everything else.")
+    float32_if_half_params: int = Field(default=0, ge=0, description="Kept in float32 when loading in float16 (_keep_in_fp32_modules).")
+    float32_always_params: int = Field(default=0, ge=0, description="Kept in float32 for any 16-bit load (_keep_in_fp32_modules_strict).")
+    buffer_bytes: int = Field(default=0, ge=0, description="Buffers (rotary frequencies, ...), in their own dtypes.")
+    adapter_params: int = Field(default=0, ge=0, description="Trainable parameters once wrapped with LoRA (PEFT keeps them in float32).")
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_weight_params + self.kept_linear_params + self.embedding_params + self.expert_params + self.other_params
+
+
+class MemoryPart(Record):
+    """One class of the estimate: what it is, how many parameters, how it is stored, and the bytes."""
+
+    name: str
+    params: int = Field(ge=0)
+    stored_as: str = Field(description='"4-bit NF4 + absmax", "int8 + row scales", "bfloat16", "float32", ...')
+    bytes: int = Field(ge=0)
+
+
 class LoadPlan(Record):
     """How tasks/model/load.py loads the model, with the reason for each choice. JSON in, JSON out."""
 
@@ -38,7 +75,15 @@ class LoadPlan(Record):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     target_device: str = Field(description='"cpu", "cuda:N", "auto" (several devices) or "mps".')
-    estimate_bytes: int = Field(description="Weights in the planned dtype / quantization.")
+    estimate_bytes: int = Field(
+        description="What the loaded, LoRA-wrapped model holds once every weight is resident: parameters by class (quantized or "
+        "in their dtype), quantization state, buffers and the adapter (see memory)."
+    )
+    memory: list[MemoryPart] = Field(default_factory=list, description="estimate_bytes by class (from the skeleton's census).")
+    quantization_config: dict[str, Any] | None = Field(
+        default=None,
+        description="transformers' BitsAndBytesConfig.to_dict() of a 4/8-bit load: BitsAndBytesConfig.from_dict() rebuilds it anywhere.",
+    )
     overhead_bytes: int = Field(description="Margin: 10% of the weights + 512 MiB per device.")
     available_bytes: int = Field(description="Memory the placement may use: min(free, load.max_memory) summed over devices.")
     fits: bool

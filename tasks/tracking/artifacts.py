@@ -9,6 +9,7 @@ was loaded from a local path. The artifact already holds the adapter, tokenizer 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -60,6 +61,12 @@ def manifest_params(manifest: Manifest) -> dict[str, str]:
     for key, value in used.model_dump(mode="json").items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             params[f"plan.used.{key}"] = value
+    params["plan.estimate_bytes"] = plan.estimate_bytes
+    if plan.quantization_config:  # transformers' own dict: BitsAndBytesConfig.from_dict(json.loads(this)) rebuilds the load
+        params["plan.quantization_config"] = json.dumps(plan.quantization_config, sort_keys=True)
+    for part in plan.memory:  # what a k-bit load quantized, and what stayed in the compute dtype
+        slug = re.sub(r"[^a-z0-9]+", "_", part.name.lower()).strip("_")
+        params[f"memory.{slug}.params"], params[f"memory.{slug}.bytes"] = part.params, part.bytes
     for key, value in lora.settings.model_dump(mode="json").items():
         params[f"lora.{key}"] = value
     params.update(
