@@ -376,7 +376,7 @@ class Bench:
             run.error = " | ".join(tail)[-600:]
             self.problems.append(f"{scenario} {side} run {index}: exit {rc}: {run.error}")
         elif side != "bare":
-            lines = [l for l in Path(f"{log}.out").read_text().splitlines() if l.startswith("{")]
+            lines = [line for line in Path(f"{log}.out").read_text().splitlines() if line.startswith("{")]
             if lines:
                 result = json.loads(lines[-1])
                 run.stages = result.get("seconds", {})
@@ -696,7 +696,7 @@ def product_version() -> dict:
 def machine() -> dict:
     import importlib.metadata as md
 
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     versions = {}
     for pkg in ("torch", "transformers", "peft", "accelerate", "prefect", "mlflow", "huggingface_hub", "safetensors"):
         try:

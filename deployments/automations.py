@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from prefect.automations import Automation
 
 NAME = "crash-zombie-flow-runs"
 
 
-def crash_zombie_flow_runs(within_seconds: int = 90):
+def crash_zombie_flow_runs(within_seconds: int = 90) -> Automation:
     """Create the automation (or return the one of that name already there)."""
     from prefect import get_client
     from prefect.automations import Automation
@@ -36,7 +40,7 @@ def crash_zombie_flow_runs(within_seconds: int = 90):
         found = client.read_automations_by_name(name=NAME)
     if found:
         return Automation(**found[0].model_dump())
-    return Automation(
+    automation = Automation(
         name=NAME,
         description="Mark a flow run Crashed when its heartbeats stop (its process died with its node).",
         trigger=EventTrigger(
@@ -55,9 +59,16 @@ def crash_zombie_flow_runs(within_seconds: int = 90):
             within=timedelta(seconds=within_seconds),
         ),
         actions=[
-            ChangeFlowRunState(state=StateType.CRASHED, message=f"No heartbeat for {within_seconds} s: flow run process presumed dead.")
+            ChangeFlowRunState(
+                name=None,
+                state=StateType.CRASHED,
+                message=f"No heartbeat for {within_seconds} s: flow run process presumed dead.",
+                force=False,
+            )
         ],
-    ).create()
+    )
+    # Called outside an event loop, Prefect's async_dispatch runs the sync create: an Automation, not a coroutine.
+    return cast("Automation", automation.create())
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
 
@@ -25,7 +28,7 @@ def load_spec(path: Path = PREFECT_YAML) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
-def load_flow(entrypoint: str):
+def load_flow(entrypoint: str) -> Any:
     """`lora_prep.flows.prepare_model:prepare_model` -> the flow object (a module path of the installed package)."""
     module, _, name = entrypoint.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -46,7 +49,7 @@ def _schedules(entries: list[dict] | None) -> list:
     return out
 
 
-def _concurrency(value):
+def _concurrency(value: int | dict[str, Any] | None) -> int | ConcurrencyLimitConfig | None:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
     if value is None or isinstance(value, int):

@@ -6,6 +6,8 @@ Run it with `lora-prep prepare <model id>`, from a Prefect deployment
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from lora_prep.run_support import (
@@ -32,17 +34,17 @@ from lora_prep.tasks.track import open_run, track
 from lora_prep.tasks.tracking.runs import fail_run
 
 
-def _claim_flow_run(flow, run, state) -> None:
+def _claim_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
     """on_running hook: the flow run names this process, however it was started (the CLI tags it at creation)."""
     from lora_prep.tasks.tracking.reaper import claim_flow_run
 
-    claim_flow_run(str(run.id), list(run.tags or []))
+    claim_flow_run(str(flow_run.id), list(flow_run.tags or []))
 
 
-def _mark_run_failed(flow, run, state) -> None:
+def _mark_run_failed(flow: Any, flow_run: Any, state: Any) -> None:
     """on_failure / on_crashed / on_cancellation hook: no MLflow run is left RUNNING."""
-    tracking = TrackingSettings.model_validate(run.parameters.get("tracking") or {})
-    fail_run(tracking, str(run.id))
+    tracking = TrackingSettings.model_validate(flow_run.parameters.get("tracking") or {})
+    fail_run(tracking, str(flow_run.id))
 
 
 @flow(

@@ -44,14 +44,16 @@ def refresh_model(
     if is_local_source(model_id):
         raise InvalidInput(f"model_id {model_id!r} is a local directory: a refresh follows a Hub branch; give a Hub id such as org/name.")
     facts = resolve(model_id, revision, source)
-    existing = None if force else find_preparation_of_commit(tracking, model_id, facts.commit_sha)
+    commit_sha = facts.commit_sha
+    assert commit_sha is not None, "a Hub model resolves to a commit sha"
+    existing = None if force else find_preparation_of_commit(tracking, model_id, commit_sha)
     if existing is not None:
-        reason = f"commit {facts.commit_sha[:12]} already prepared by MLflow run {existing.run_id}"
+        reason = f"commit {commit_sha[:12]} already prepared by MLflow run {existing.run_id}"
         get_run_logger().info("%s@%s unchanged: %s; nothing to do.", model_id, revision, reason)
         return RefreshResult(
             model_id=model_id,
             revision=revision,
-            commit_sha=facts.commit_sha,
+            commit_sha=commit_sha,
             prepared=False,
             reason=reason,
             mlflow_run_id=existing.run_id,
@@ -60,7 +62,8 @@ def refresh_model(
     # The subflow gets the revision as asked (its run records "main", not only a sha). Should the branch move again
     # in between, it prepares the newer commit, which is what a refresh is for; the result names that commit.
     prepared = prepare_model(model_id=model_id, revision=revision, source=source, load=load, lora=lora, tracking=tracking, output=output)
-    reason = "forced" if force else f"no finished preparation of commit {facts.commit_sha[:12]} in experiment {tracking.experiment!r}"
+    assert prepared.commit_sha is not None, "a preparation of a Hub model names its commit"
+    reason = "forced" if force else f"no finished preparation of commit {commit_sha[:12]} in experiment {tracking.experiment!r}"
     return RefreshResult(
         model_id=model_id,
         revision=revision,

@@ -17,7 +17,7 @@ run of the prepare run.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
@@ -30,6 +30,9 @@ from lora_prep.tasks.errors import InvalidInput, LoraPrepError
 from lora_prep.tasks.records.results import Prepared, TrainedAdapter
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings, TrainSettings
 from lora_prep.tasks.track import track_trained
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 PREPARE_DEPLOYMENT = "prepare-model/prepare-on-demand"
 PREPARE_TIMEOUT_S = 12 * 3600  # the prepare flow's own timeout
@@ -54,7 +57,8 @@ def _prepare(
     from prefect.deployments import run_deployment
 
     parameters = {"model_id": model_id, "revision": revision, **{k: v.model_dump(mode="json") for k, v in settings.items()}}
-    run = run_deployment(prepare_deployment, parameters=parameters, timeout=PREPARE_TIMEOUT_S)
+    # Called from this sync flow, Prefect's async_dispatch runs the sync implementation: a FlowRun, not a coroutine.
+    run = cast("FlowRun", run_deployment(prepare_deployment, parameters=parameters, timeout=PREPARE_TIMEOUT_S))
     if not run.state or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise LoraPrepError(

@@ -163,8 +163,8 @@ def settings_from_args(args: argparse.Namespace, sections: list[Section]) -> dic
     values: dict[str, dict[str, Any]] = {section.name: {} for section in sections}
     for dest, value in vars(args).items():
         if _SEP in dest and value is not None:
-            section, name = dest.split(_SEP, 1)
-            values[section][name] = value
+            section_name, name = dest.split(_SEP, 1)
+            values[section_name][name] = value
     settings, problems = {}, []
     for section in sections:
         try:

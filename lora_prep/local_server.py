@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 IDLE_TIMEOUT_S = 3600
 START_TIMEOUT_S = 180  # a first start migrates a new database: ~13 s idle, more under load
@@ -159,7 +160,7 @@ def _busy(url: str) -> bool:
         return True  # cannot tell: keep running
 
 
-def _watchdog(server, url: str, idle_timeout: float) -> None:
+def _watchdog(server: Any, url: str, idle_timeout: float) -> None:
     while not server.should_exit:
         time.sleep(_CHECK_EVERY_S)
         state = _read_state() or {}

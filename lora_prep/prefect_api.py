@@ -22,10 +22,13 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_prep.tasks.common.causes import causes
 from lora_prep.tasks.errors import OrchestratorUnavailable
+
+if TYPE_CHECKING:
+    from lora_prep.tasks.settings import TrackingSettings
 
 # The watchdog: /health every WATCH_EVERY_S (each probe waits up to WATCH_TIMEOUT_S); the API counts as
 # dead once it has failed every probe for DEAD_AFTER_S. A server busy enough to miss one probe is not dead.
@@ -36,7 +39,7 @@ class PrefectApi:
     def __init__(self, url: str | None, kind: str) -> None:
         self.url, self.kind = url, kind
 
-    def _gone(self, what: str, tracking) -> OrchestratorUnavailable:
+    def _gone(self, what: str, tracking: TrackingSettings | None) -> OrchestratorUnavailable:
         from lora_prep.tasks.tracking.runs import close_runs_of_this_process
 
         # An HTTP error status means the server answered but kept failing (overloaded, or its database is).
@@ -55,7 +58,7 @@ class PrefectApi:
             prefect_api_url=self.url,
         )
 
-    def run(self, flow, **parameters: Any):
+    def run(self, flow: Any, **parameters: Any) -> Any:
         """Call the flow; a Prefect API that stops answering becomes OrchestratorUnavailable."""
         done = threading.Event()
         if self.url and self.url.startswith("http"):
@@ -79,7 +82,7 @@ class PrefectApi:
         finally:
             done.set()
 
-    def _watch(self, done: threading.Event, tracking) -> None:
+    def _watch(self, done: threading.Event, tracking: TrackingSettings | None) -> None:
         """Ends the process when the API has been dead for DEAD_AFTER_S while the flow waits on something else."""
         failing_since = None
         while not done.wait(WATCH_EVERY_S):

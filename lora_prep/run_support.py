@@ -6,10 +6,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from lora_prep.tasks.records.manifest import PrefectRecord
 from lora_prep.tasks.records.plan import Plan
 from lora_prep.tasks.records.results import PreparedModel
+
+if TYPE_CHECKING:
+    from lora_prep.tasks.records.build import BuiltArtifact
+    from lora_prep.tasks.records.hub import Snapshot
 
 # Loggers whose records belong in the Prefect run logs: the libraries at their own level
 # (warnings by default: transformers' INFO dumps whole configs) and ours at INFO.
@@ -31,7 +36,7 @@ class StageClock:
         finally:
             self.seconds[stage] = round(time.perf_counter() - started, 3)
 
-    def metrics(self, built, snapshot) -> dict[str, float]:
+    def metrics(self, built: BuiltArtifact, snapshot: Snapshot) -> dict[str, float]:
         metrics = {f"seconds.{stage}": value for stage, value in self.seconds.items()}
         metrics["bytes_downloaded"] = float(snapshot.bytes_transferred)
         metrics["peak_rss_bytes"] = float(built.peak_rss_bytes)

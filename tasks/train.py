@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -42,7 +45,7 @@ def is_adapter_param(name: str) -> bool:
     return "lora_" in name or ".modules_to_save." in name
 
 
-def weights_sha256(named_params) -> str:
+def weights_sha256(named_params: Iterable[tuple[str, Any]]) -> str:
     """One sha256 over names and raw bytes, a tensor at a time (never a second copy of the model in memory)."""
     import torch
 
@@ -56,7 +59,7 @@ def weights_sha256(named_params) -> str:
     return digest.hexdigest()
 
 
-def batches(tokenizer, settings: TrainSettings, device):
+def batches(tokenizer: Any, settings: TrainSettings, device: Any) -> list[dict[str, Any]]:
     """Fixed batches of the corpus; labels are the input ids with padding masked out (-100)."""
     out = []
     for start in range(0, len(SENTENCES), settings.batch_size):
@@ -74,7 +77,7 @@ def batches(tokenizer, settings: TrainSettings, device):
     return out
 
 
-def eval_loss(model, batches) -> float:
+def eval_loss(model: Any, batches: list[dict[str, Any]]) -> float:
     import torch
 
     model.eval()
@@ -230,7 +233,7 @@ def find_prepared_artifact(flow_run_id: str, tracking: TrackingSettings, *, ask_
 
         with get_client(sync_client=True) as prefect:
             # run_deployment inside a flow links the new run to a task run of that flow.
-            started_by_pipeline = prefect.read_flow_run(flow_run_id).parent_task_run_id is not None
+            started_by_pipeline = prefect.read_flow_run(UUID(flow_run_id)).parent_task_run_id is not None
     return Prepared(
         ref=ref,
         mlflow_run_id=found.run_id,

@@ -247,7 +247,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --- LoRA-relevant structure ------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _moe_structure(arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(fused expert parameters, routers) read off ``arch``'s module tree, built on the meta device (no weights)."""
     from transformers import AutoModelForCausalLM

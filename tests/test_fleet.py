@@ -557,7 +557,7 @@ def test_the_fleet_recipe_on_postgresql_survives_a_burst_a_dead_node_and_a_serve
         completed_trains = [r for r in trains.values() if r.state.is_completed()]
         assert len(completed_trains) >= TRAINS_TO_COMPLETE
         spacing = sorted(finished_at.values())
-        figures["training_run_spacing_seconds"] = [round(b - a, 1) for a, b in zip(spacing, spacing[1:])]
+        figures["training_run_spacing_seconds"] = [round(b - a, 1) for a, b in zip(spacing, spacing[1:], strict=False)]
 
         intervals = build_intervals(client, [*prepared, doomed.id])
         deadline = time.monotonic() + 30  # a training run cancelled as it started may still be letting go of its slot
@@ -575,9 +575,9 @@ def test_the_fleet_recipe_on_postgresql_survives_a_burst_a_dead_node_and_a_serve
                    crashed_state_message=crashed_state.message,
                    crashed_after_last_heartbeat_seconds=round((crashed_state.timestamp - max(heartbeats)).total_seconds(), 1) if heartbeats else None,
                    kill_after_last_heartbeat_seconds=round((killed_at - max(heartbeats)).total_seconds(), 1) if heartbeats else None,
-                   heartbeat_intervals_seconds=[round((b - a).total_seconds(), 1) for a, b in zip(heartbeats, heartbeats[1:])])
+                   heartbeat_intervals_seconds=[round((b - a).total_seconds(), 1) for a, b in zip(heartbeats, heartbeats[1:], strict=False)])
     assert heartbeats, "the doomed run sent no heartbeat"
-    intervals_under_load = [(b - a).total_seconds() for hb in beats.values() for a, b in zip(hb, hb[1:])]
+    intervals_under_load = [(b - a).total_seconds() for hb in beats.values() for a, b in zip(hb, hb[1:], strict=False)]
     figures["burst_heartbeat_interval_max_seconds"] = round(max(intervals_under_load), 1) if intervals_under_load else None
     assert all(i < ZOMBIE_WITHIN_S for i in intervals_under_load), intervals_under_load
     assert detection <= ZOMBIE_WITHIN_S + HEARTBEAT_S + 15, "the automation took longer than within + one heartbeat to crash the run"

@@ -10,9 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lora_prep.tasks.machine.hardware import probe_hardware
-from lora_prep.tasks.model.facts import ModelFacts
-from lora_prep.tasks.model.load_plan import plan_load
+from lora_prep.tasks.machine.hardware import probe_hardware  # noqa: E402
+from lora_prep.tasks.model.facts import ModelFacts  # noqa: E402
+from lora_prep.tasks.model.load_plan import plan_load  # noqa: E402
 from lora_prep.tasks.settings import LoadSettings  # noqa: E402
 
 pytestmark = [

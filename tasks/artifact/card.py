@@ -59,6 +59,7 @@ or from the command line: `lora-prep load path/to/this/directory --json`.
 
 def training_card(manifest: Manifest) -> str:
     t, parent = manifest.training, manifest.parent
+    assert t is not None and parent is not None, "training_card is written for a trained artifact (tasks/train.py)"
     return (
         f"\n## Training\n\nTrained {t.steps} steps at lr {t.lr} from `{parent.artifact}` "
         f"(MLflow run `{parent.mlflow_run_id}`): eval loss {t.eval_loss_before:.4f} -> {t.eval_loss_after:.4f}.\n"

@@ -104,7 +104,7 @@ def check_output_dir(output: OutputSettings, *, create: bool) -> Path:
 
 def clean_stale_partials(parent: Path) -> list[str]:
     """Remove ``.<name>.partial-*`` directories left by runs that died (this host, process gone, pid reuse included)."""
-    removed = []
+    removed: list[str] = []
     if not parent.is_dir():
         return removed
     for tmp in parent.glob(".*.partial-*"):

@@ -16,7 +16,7 @@ from typing import Any
 from lora_prep.tasks.errors import is_transient
 
 
-def retry_if_transient(task, task_run, state) -> bool:
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry_condition_fn. A plain ``def`` on purpose: Prefect silently never retries
     when given a functools.partial or a callable object (task_engine.py checks inspect.isfunction)."""
     try:

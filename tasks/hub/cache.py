@@ -24,8 +24,9 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from lora_prep.tasks.common.files import write_atomic
 from lora_prep.tasks.errors import BadRepo, InvalidInput
@@ -101,7 +102,7 @@ def _normalized_etag(value: str) -> str:
     return value.removeprefix("W/").strip('"')
 
 
-def check_resolve_headers(url: str, headers) -> None:
+def check_resolve_headers(url: str, headers: Mapping[str, str]) -> None:
     """The headers of one ``/resolve/`` response that huggingface_hub turns into cache paths."""
     for name in ("X-Repo-Commit",):
         value = headers.get(name)
@@ -125,7 +126,7 @@ _guard_lock = threading.Lock()
 _guard_users = 0
 
 
-def _guard_hook(response) -> None:
+def _guard_hook(response: Any) -> None:
     if "/resolve/" in response.request.url.path:
         check_resolve_headers(str(response.request.url), response.headers)
 

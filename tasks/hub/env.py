@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from lora_prep.tasks.errors import InvalidInput
 from lora_prep.tasks.settings import SourceSettings
@@ -55,8 +56,10 @@ def get_token(source: SourceSettings) -> str | None:
     if source.token_secret:
         from prefect.blocks.system import Secret
 
+        # _sync=True makes Prefect's async_dispatch run the sync load; its annotations know neither the flag nor that.
+        load_sync: Any = Secret.load
         try:
-            secret = Secret.load(source.token_secret, _sync=True)
+            secret: Secret[Any] = load_sync(source.token_secret, _sync=True)
         except ValueError:  # Prefect: "Unable to find block document named ..."
             raise InvalidInput(
                 f"token_secret {source.token_secret!r}: no Prefect Secret block with that name; "

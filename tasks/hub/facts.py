@@ -13,10 +13,11 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Literal
 
 from lora_prep.tasks.errors import BadRepo, EntryNotFound
 from lora_prep.tasks.hub.selection import is_weight_file
-from lora_prep.tasks.records.hub import HubFile, RepoFacts
+from lora_prep.tasks.records.hub import HubFile, RepoFacts, WeightFormat
 
 # Parallel header reads: each is one ~100 KB ranged GET; 8 as snapshot_download's workers.
 HEADER_WORKERS = 8
@@ -32,7 +33,7 @@ def require_config(where: str, files: list[HubFile]) -> None:
         raise EntryNotFound(f"{where} has no config.json at its root: not a transformers model; check the id, revision or directory.")
 
 
-def _check_header(where: str, path: str, meta) -> None:
+def _check_header(where: str, path: str, meta: Any) -> None:
     """Refuse a header that parses but cannot be a checkpoint (negative or non-integer dimensions)."""
     for name, info in meta.tensors.items():
         if not all(isinstance(d, int) and d >= 0 for d in info.shape):
@@ -43,17 +44,17 @@ def _check_header(where: str, path: str, meta) -> None:
 
 
 def build_facts(
-    repo_id,
-    revision,
-    sha,
-    files,
-    selected,
-    fmt,
-    config,
-    header: Callable,
+    repo_id: str,
+    revision: str,
+    sha: str | None,
+    files: list[HubFile],
+    selected: list[str],
+    fmt: WeightFormat,
+    config: dict[str, Any],
+    header: Callable[[str], Any],
     *,
     offline: bool,
-    source: str = "hub",
+    source: Literal["hub", "local"] = "hub",
     code_digest: str | None = None,
 ) -> RepoFacts:
     from huggingface_hub.errors import SafetensorsParsingError
@@ -61,10 +62,11 @@ def build_facts(
     where = repo_id if source == "local" else f"{repo_id}@{(sha or '')[:12]}"
     by_path = {f.path: f for f in files}
     weights = [p for p in selected if is_weight_file(p)]
-    param_count, dtypes = None, {}
+    param_count: int | None = None
+    dtypes: dict[str, int] = {}
     if fmt == "safetensors":
 
-        def checked(path: str):
+        def checked(path: str) -> Any:
             try:
                 meta = header(path)
             except SafetensorsParsingError as exc:

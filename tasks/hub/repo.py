@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import constants
 
@@ -155,7 +156,7 @@ def _resolve_online(repo_id: str, revision: str, source: SourceSettings, token: 
     )
     sizes = {f.path: f.size for f in files}
 
-    def header(path: str):
+    def header(path: str) -> Any:
         # The cache may hold the file already (a warm run): read the header there, no request.
         local = try_to_load_from_cache(repo_id, path, cache_dir=cache_dir, revision=sha)
         if isinstance(local, str) and os.path.getsize(local) == sizes[path]:

@@ -89,11 +89,11 @@ def _byte_counter() -> tuple[type, Callable[[], int]]:
     lock = threading.Lock()
 
     class CountingTqdm(hf_tqdm):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             self._lora_prep_counts = kwargs.get("name") in _TRANSFER_BARS
             super().__init__(*args, **kwargs)
 
-        def update(self, n=1):
+        def update(self, n: float | None = 1) -> bool | None:
             if self._lora_prep_counts and n:
                 with lock:
                     received[0] += int(n)
@@ -124,6 +124,7 @@ def download_snapshot(
     storage = repo_cache_dir(cache_dir, facts.repo_id)
     offline = facts.offline or is_offline(source)
     repo_id, sha = facts.repo_id, facts.commit_sha
+    assert sha is not None, "a Hub RepoFacts always carries its commit sha"
     tqdm_class, received = _byte_counter()
 
     if not offline:
@@ -240,6 +241,7 @@ def local_snapshot(facts: RepoFacts, *, stats: VerifyStats | None = None) -> Sna
 
 def snapshot_state(facts: RepoFacts, cache_dir: str) -> list[tuple[str, int, int, int]] | None:
     """(path, size, mtime_ns, inode) of each selected file's blob, or None when any is missing."""
+    assert facts.commit_sha is not None, "only a Hub RepoFacts has a snapshot in the HF cache"
     snapshot_dir = repo_cache_dir(cache_dir, facts.repo_id) / "snapshots" / facts.commit_sha
     state = []
     for path in facts.selected:

@@ -3,7 +3,7 @@ transformers-v4 adapter conversion off them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_prep.tasks.errors import InvalidInput
 from lora_prep.tasks.settings import LoraSettings
@@ -12,7 +12,9 @@ if TYPE_CHECKING:
     from lora_prep.tasks.records.plan import TargetPlan
 
 
-def lora_config(lora: LoraSettings, modules: list[str], parameters: list[str], *, dropout: float, fan_in_fan_out: bool, tie: bool = False):
+def lora_config(
+    lora: LoraSettings, modules: list[str], parameters: list[str], *, dropout: float, fan_in_fan_out: bool, tie: bool = False
+) -> Any:
     """peft.LoraConfig for exactly these full module and parameter names."""
     from peft import LoraConfig, TaskType
 
@@ -40,7 +42,7 @@ def lora_config(lora: LoraSettings, modules: list[str], parameters: list[str], *
         raise InvalidInput(f"PEFT rejects these LoRA settings: {exc}; change the LoRA settings named there.") from None
 
 
-def config_for(lora: LoraSettings, targets: TargetPlan):
+def config_for(lora: LoraSettings, targets: TargetPlan) -> Any:
     return lora_config(
         lora,
         targets.target_modules,
@@ -51,7 +53,7 @@ def config_for(lora: LoraSettings, targets: TargetPlan):
     )
 
 
-def out_of_peft_conversion(model, lora: LoraSettings, modules: list[str], parameters: list[str]) -> tuple[list[str], list[str]]:
+def out_of_peft_conversion(model: Any, lora: LoraSettings, modules: list[str], parameters: list[str]) -> tuple[list[str], list[str]]:
     """Keep PEFT's transformers-v4 adapter conversion off our targets.
 
     For MoE model types whose experts transformers 5 fused (Qwen2/3-MoE, DeepSeek-V2/V3, GLM-4-MoE,

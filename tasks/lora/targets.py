@@ -29,6 +29,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
+from typing import Any
 
 from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
 from lora_prep.tasks.lora.config import config_for, lora_config, out_of_peft_conversion
@@ -78,7 +79,7 @@ def _short(names: list[str]) -> str:
     return ", ".join(short[:_NAMES_SHOWN]) + more
 
 
-def _preset(model, spec: str, experts: list[str], router_names: list[str], excluded: dict[str, str]) -> tuple[list[str], list[str]]:
+def _preset(model: Any, spec: str, experts: list[str], router_names: list[str], excluded: dict[str, str]) -> tuple[list[str], list[str]]:
     linear = all_linear(model)
     for name in linear:
         if under(name, router_names):
@@ -93,10 +94,13 @@ def _preset(model, spec: str, experts: list[str], router_names: list[str], exclu
     return linear, experts  # all-linear
 
 
-def _explicit(model, spec, wrappable: list[str], experts: list[str], problems: list[str]) -> tuple[list[str], list[str]]:
+def _explicit(
+    model: Any, spec: str | list[str], wrappable: list[str], experts: list[str], problems: list[str]
+) -> tuple[list[str], list[str]]:
     params = [f"{n}.{p}" for n, m in model.named_modules() if n for p, t in m.named_parameters(recurse=False) if t.ndim >= 2]
     if isinstance(spec, list):
-        modules, parameters = set(), set()
+        hit_modules: set[str] = set()
+        hit_parameters: set[str] = set()
         for entry in spec:
             hit_m = {n for n in wrappable if _matches_entry(n, entry)}
             hit_p = {p for p in experts if _matches_entry(p, entry)}
@@ -108,9 +112,9 @@ def _explicit(model, spec, wrappable: list[str], experts: list[str], problems: l
                     problems.append(f"target_modules entry {entry!r} is a preset, not a module name (pass it as a plain string)")
                 else:
                     problems.append(_unknown("target_modules", entry, [*_suffixes(wrappable), *_suffixes(experts), *PRESETS], "entry"))
-            modules |= hit_m
-            parameters |= hit_p
-        return [n for n in wrappable if n in modules], [p for p in params if p in parameters]
+            hit_modules |= hit_m
+            hit_parameters |= hit_p
+        return [n for n in wrappable if n in hit_modules], [p for p in params if p in hit_parameters]
     modules = [n for n in wrappable if re.fullmatch(spec, n)]
     parameters = [p for p in experts if re.fullmatch(spec, p)]
     if not modules and not parameters:
@@ -121,7 +125,7 @@ def _explicit(model, spec, wrappable: list[str], experts: list[str], problems: l
     return modules, parameters
 
 
-def _check_other_names(model, lora: LoraSettings, targets: list[str], wrappable: list[str], problems: list[str]) -> None:
+def _check_other_names(model: Any, lora: LoraSettings, targets: list[str], wrappable: list[str], problems: list[str]) -> None:
     """exclude_modules, modules_to_save and the rank/alpha patterns must each match something."""
     all_names = [n for n, _ in model.named_modules() if n]
     for entry in lora.exclude_modules or []:
@@ -159,7 +163,7 @@ def _dropout(lora: LoraSettings, parameters: list[str]) -> tuple[float, str]:
     return 0.0, "0: set by lora.dropout"
 
 
-def resolve_targets(model, lora: LoraSettings) -> TargetPlan:
+def resolve_targets(model: Any, lora: LoraSettings) -> TargetPlan:
     """The modules and parameters that get LoRA, checked with PEFT on ``model`` (a skeleton or the real one).
 
     Raises UnknownTargetModule listing every name that matches nothing (with the closest real
@@ -228,7 +232,7 @@ def resolve_targets(model, lora: LoraSettings) -> TargetPlan:
     )
 
 
-def plan_targets(model, lora: LoraSettings) -> TargetPlan:
+def plan_targets(model: Any, lora: LoraSettings) -> TargetPlan:
     """resolve_targets, then PEFT applied to the skeleton: its refusals now, and the exact parameter counts."""
     from peft import get_peft_model
 

@@ -48,7 +48,7 @@ class LoraReport(BaseModel):
 
 
 @contextmanager
-def _seeded(seed: int, model) -> Iterator[None]:
+def _seeded(seed: int, model: Any) -> Iterator[None]:
     """Seed adapter init without leaking RNG state: fork, seed, restore.
 
     PEFT builds LoRA matrices on the CPU and moves them to the base layer's
@@ -64,7 +64,7 @@ def _seeded(seed: int, model) -> Iterator[None]:
         yield
 
 
-def _adapter_bytes(peft_model, save_embeddings: bool) -> tuple[int, int]:
+def _adapter_bytes(peft_model: Any, save_embeddings: bool) -> tuple[int, int]:
     """(bytes save_pretrained writes, of which full embedding copies). Never calls the network:
     whether embeddings are saved is decided here (``save_embedding_layers``), not by PEFT's
     "auto", which would ask the Hub for the base config once the adapter names a repo id."""
@@ -99,7 +99,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def wrap_lora(model, lora: LoraSettings, targets: TargetPlan | None = None, *, embeddings_resized: bool = False) -> tuple[Any, LoraReport]:
+def wrap_lora(
+    model: Any, lora: LoraSettings, targets: TargetPlan | None = None, *, embeddings_resized: bool = False
+) -> tuple[Any, LoraReport]:
     """Wrap ``model`` (modified in place) with a LoRA adapter; returns (PeftModel, LoraReport).
 
     targets: what the plan stage resolved (None: resolve on this model now).
@@ -194,7 +196,7 @@ def wrap_lora(model, lora: LoraSettings, targets: TargetPlan | None = None, *, e
     return peft_model, report
 
 
-def save_adapter(peft_model, out_dir: Path, name_or_path: str, revision: str | None, *, save_embedding_layers: bool) -> None:
+def save_adapter(peft_model: Any, out_dir: Path, name_or_path: str, revision: str | None, *, save_embedding_layers: bool) -> None:
     """PEFT's save_pretrained with a portable base: the repo id (or the user's directory) and the commit sha.
 
     PEFT records the path the base was loaded from (a cache snapshot here) and revision None, and

@@ -43,11 +43,11 @@ def process_flow_run_tags(process: ProcessId | None = None) -> list[str]:
 
 def flow_run_owner(tags: list[str]) -> ProcessId | None:
     found = {prefix: next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None) for prefix in _PREFIXES}
-    pid = found[PID_PREFIX]
-    if not found[HOST_PREFIX] or not (pid and pid.isdigit()):
+    host, pid = found[HOST_PREFIX], found[PID_PREFIX]
+    if not host or not (pid and pid.isdigit()):
         return None
     started = found[STARTED_PREFIX]
-    return ProcessId(found[HOST_PREFIX], int(pid), float(started) if started else None)
+    return ProcessId(host, int(pid), float(started) if started else None)
 
 
 def _prefect_client() -> Any | None:

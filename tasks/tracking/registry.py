@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 from lora_prep.tasks.errors import InvalidInput
 from lora_prep.tasks.settings import TrackingSettings
@@ -25,7 +26,7 @@ from lora_prep.tasks.tracking.store import (
 ARTIFACT_PATH = "artifact"  # the run's artifact directory (tasks/tracking/runs.py logs it there)
 
 
-def register(mlflow, settings: TrackingSettings, run_id: str, model_id: str) -> str:
+def register(mlflow: Any, settings: TrackingSettings, run_id: str, model_id: str) -> str:
     """A registry version whose source is ``models:/<model id>``: the UI links it to the logged model."""
     from mlflow.exceptions import MlflowException
 
@@ -48,7 +49,7 @@ def register(mlflow, settings: TrackingSettings, run_id: str, model_id: str) -> 
     return version
 
 
-def _reference_location(mlflow, ref: str) -> str:
+def _reference_location(mlflow: Any, ref: str) -> str:
     """runs:/ or models:/ (name@alias, name/version, logged model id) -> an artifact location, resolved
     with our client: mlflow.artifacts.download_artifacts resolves models:/ against the process's default
     store, not the one we pass (and would create ./mlflow.db there)."""

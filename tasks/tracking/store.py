@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lora_prep.tasks.common.causes import causes
 from lora_prep.tasks.common.paths import (
@@ -188,7 +189,7 @@ def mlflow_errors(uri: str, fix: str = "start the tracking server or check --tra
 _initialised: set[str] = set()
 
 
-def client(uri: str):
+def client(uri: str) -> Any:
     """An MlflowClient for ``uri`` (tracking and registry); a SQLite store is made ready first, once per process."""
     from mlflow.tracking import MlflowClient
 
@@ -210,7 +211,7 @@ def _quiet_migrations() -> Iterator[None]:
     try:
         yield
     finally:
-        for lg, level in zip(loggers, saved):
+        for lg, level in zip(loggers, saved, strict=True):
             lg.setLevel(level)
 
 
@@ -229,6 +230,7 @@ def init_sqlite_store(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
+    assert db is not None, "init_sqlite_store is called for sqlite: URIs only"
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".init.lock", timeout=_INIT_LOCK_TIMEOUT_S), _quiet_migrations():
         probe = MlflowClient(tracking_uri=uri, registry_uri=uri)
