@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from lora_prep.cli_options import Section, UsageError, add_arguments, settings_from_args
+from lora_prep.tasks.machine.kbit import QUIET_LOGGERS
 from lora_prep.tasks.settings import (
     ArtifactDirectory,
     LoadBackSettings,
@@ -60,6 +61,8 @@ class _OnlyWarnings(logging.Filter):
     record; --debug shows them all here too. Download progress bars are not log records and stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name in QUIET_LOGGERS:  # bitsandbytes' speed notices (tasks/machine/kbit.py): not the user's problem
+            return False
         if not record.name.startswith("prefect"):
             return record.levelno >= logging.WARNING
         return record.levelno == logging.WARNING and not record.name.startswith(("prefect.events", "prefect._internal"))

@@ -251,7 +251,7 @@ def test_a_successful_prepare_in_a_terminal_prints_progress_bars_and_its_summary
     # tqdm bars: "Loading weights: 100%|...| 25/25 [00:00<00:00, 5872.07it/s]", "Download complete: ████|  193kB"
     bar = re.compile(r"\d+%\||it/s\]|s/it\]|\|\s+[\d.]+\s?[kMGT]?B\b")
     progress = [line for line in lines if bar.search(line)]
-    summary = [line for line in lines if line[:LABEL_WIDTH].rstrip() in labels]
+    summary = [line for line in lines if line[:LABEL_WIDTH].rstrip() in labels or line.startswith("  ")]  # "  ": a row's detail
     other = [line for line in lines if line not in progress and line not in summary]
     assert other == [], f"printed besides the progress bars and the summary: {other}"
     assert any(line.startswith("artifact ") for line in summary) and any("Loading weights" in line for line in progress)
