@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from lora_prep.cli_options import Section, UsageError, add_arguments, settings_from_args
-from lora_prep.tasks.machine.kbit import QUIET_LOGGERS
+from lora_prep.tasks.machine.kbit import quiet_bitsandbytes
 from lora_prep.tasks.settings import (
     ArtifactDirectory,
     LoadBackSettings,
@@ -61,8 +61,6 @@ class _OnlyWarnings(logging.Filter):
     record; --debug shows them all here too. Download progress bars are not log records and stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name in QUIET_LOGGERS:  # bitsandbytes' speed notices (tasks/machine/kbit.py): not the user's problem
-            return False
         if not record.name.startswith("prefect"):
             return record.levelno >= logging.WARNING
         return record.levelno == logging.WARNING and not record.name.startswith(("prefect.events", "prefect._internal"))
@@ -300,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.debug = debug
         command: Command = args.command_spec
-        return command.run(args, settings_from_args(args, list(command.sections)))
+        # PEFT imports bitsandbytes wherever it is installed, and bitsandbytes' CPU backend announces at import that an
+        # optional faster kernel is missing: a speed note, not the user's problem, between our lines.
+        with quiet_bitsandbytes():
+            return command.run(args, settings_from_args(args, list(command.sections)))
     except UsageError as exc:
         print(f"lora-prep: error: {exc}", file=sys.stderr)
         return 2

@@ -388,6 +388,7 @@ class HubServer:
         self._delays: list[_Rule] = []
         self._overrides: list[_Rule] = []
         self._stalls: list[_Rule] = []
+        self._ignored_ranges: list[_Rule] = []
         self._listener: _Listener | None = None
         self._thread: threading.Thread | None = None
         self._refusing = False
@@ -466,6 +467,12 @@ class HubServer:
         with self._lock:
             self._stalls.append(_Rule(path_glob, frozenset({"GET"}), times, nbytes=nbytes, seconds=seconds))
 
+    def ignore_range(self, path_glob: str, times: int = 1) -> None:
+        """The next `times` matching GETs that ask for a Range get the whole file (200), as some CDNs answer:
+        a client resuming a cut transfer must start its file over."""
+        with self._lock:
+            self._ignored_ranges.append(_Rule(path_glob, frozenset({"GET"}), times))
+
     def delay(
         self, seconds: float, path_glob: str = "*", methods: Iterable[str] | None = None, times: int | None = None
     ) -> None:
@@ -496,6 +503,7 @@ class HubServer:
             self._delays.clear()
             self._overrides.clear()
             self._stalls.clear()
+            self._ignored_ranges.clear()
         if self._refusing:
             self.refuse(False)
 
@@ -785,6 +793,10 @@ class HubServer:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
         status, start, end = 200, 0, f.size - 1
         range_header = h.headers.get("Range")
+        if range_header and method == "GET":
+            with self._lock:
+                if self._take(self._ignored_ranges, method, path) is not None:
+                    range_header = None
         if range_header:
             parsed = _parse_range(range_header, f.size)
             if parsed == "unsatisfiable":

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import namedtuple
 from pathlib import Path
@@ -84,7 +85,8 @@ def test_warm_run_transfers_no_file_bodies_and_hashes_nothing(hub, hf_cache):
     hub.reset_counters()
     facts = resolve_repo("tiny/llama", "main", src)
     snap = download_snapshot(facts, src, stats=warm_stats)
-    assert cold_stats.hashed == warm_stats.files == len(facts.selected)
+    assert cold_stats.hashed + cold_stats.streamed == warm_stats.files == len(facts.selected)
+    assert cold_stats.streamed >= 1  # the weights were verified while they downloaded
     assert warm_stats.hashed == 0  # the verified markers still match the blobs: no re-hashing
     assert hub.body_bytes("*/resolve/*") == 0  # no body, not even a header range: read from the cache
     assert hub.requests("*/resolve/*", "GET") == 0
@@ -313,3 +315,135 @@ def test_gated_download_with_token_works_and_the_token_shows_nowhere(hub, hf_cac
     out, err = capfd.readouterr()
     for text in (caplog.text, out, err, facts.model_dump_json(), snap.model_dump_json(), repr(facts), repr(snap)):
         assert hub_token not in text
+
+
+# --- verification from the download stream (tasks/hub/stream.py) -------------------------------------
+
+
+def _lfs_blobs(facts, snap) -> dict[str, str]:
+    return {p: facts.file(p).sha256 for p in facts.selected if facts.file(p).sha256}
+
+
+def test_a_cold_download_verifies_every_lfs_blob_while_it_downloads_and_hashes_only_small_files_after(hub, hf_cache):
+    import hashlib
+
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/llama-sharded", "main", src)
+    lfs = _lfs_blobs(facts, None)
+    # Tiny files land within the followers' 20 ms poll: hold each LFS transfer a moment, as a real one takes seconds.
+    for path in lfs:
+        hub.stall_after(f"*/tiny/llama-sharded/resolve/*/{path}", 1_000, seconds=0.3)
+    stats = VerifyStats()
+    snap = download_snapshot(facts, src, stats=stats)
+    assert len(lfs) >= 3 and stats.streamed == len(lfs)  # every shard (and the LFS tokenizer) from the stream
+    assert stats.hashed == len(facts.selected) - len(lfs)  # only the small git files after the download
+    for f in snap.files:  # the recorded digests are the bytes' own
+        assert f.sha256 == hashlib.sha256((Path(snap.snapshot_dir) / f.path).read_bytes()).hexdigest()
+
+
+def test_a_transfer_that_stalls_mid_body_is_still_verified_from_its_stream(hub, hf_cache):
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/phi3", "main", src)
+    hub.stall_after("*/tiny/phi3/resolve/*/model.safetensors", 20_000, seconds=1.5)  # the follower catches up, then waits
+    stats = VerifyStats()
+    download_snapshot(facts, src, stats=stats)
+    assert stats.streamed == len(_lfs_blobs(facts, None)) and stats.hashed == len(facts.selected) - stats.streamed
+
+
+def test_a_transfer_restarted_from_zero_is_not_trusted_from_the_stream_and_is_verified_whole_after(hub, hf_cache, monkeypatch):
+    import huggingface_hub.constants
+
+    # huggingface_hub writes what it received in 10 MB chunks; these files are ~100 KB: write 8 KB at a time
+    # (this test only), so the cut below leaves a partial file for huggingface_hub to start over in.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+    src = _source(hf_cache)
+    facts = resolve_repo("tiny/gpt2", "main", src)
+    hub.reset_counters()  # the header read above was a Range request too
+    weights = "*/tiny/gpt2/resolve/*/model.safetensors"
+    # Cut mid-body: huggingface_hub resumes with a Range request; the server ignores it and sends the whole file
+    # again, so huggingface_hub truncates its partial file and starts over under the follower.
+    hub.stall_after(weights, 30_000, seconds=1.0)  # the client has written 30 KB and the follower has read them ...
+    hub.cut_after(weights, 60_000)  # ... then the stream is cut ...
+    hub.ignore_range(weights)  # ... and the resume is answered with the whole file
+    stats = VerifyStats()
+    snap = download_snapshot(facts, src, stats=stats)
+    first, again = hub.records(weights, "GET")
+    assert first.body_bytes == 60_000 and again.range and again.status == 200 and again.body_bytes == facts.file("model.safetensors").size
+    # The weights (and any file still followed when the transfer started over) were left to the full verification ...
+    assert stats.streamed <= len(_lfs_blobs(facts, None)) - 1 and stats.hashed == len(facts.selected) - stats.streamed
+    weights_file = next(f for f in snap.files if f.path == "model.safetensors")
+    assert weights_file.sha256 == facts.file("model.safetensors").sha256  # ... which hashed and accepted them
+
+
+def _follow_a_writer(tmp_path, write) -> tuple:
+    """A StreamHasher following one blob that `write(incomplete_path, final_path, good_bytes)` produces, as huggingface_hub would."""
+    import hashlib
+
+    from lora_prep.tasks.hub.stream import StreamHasher
+    from lora_prep.tasks.records.hub import HubFile
+
+    storage = tmp_path / "models--t--x"
+    good = bytes(range(256)) * 4096  # 1 MiB
+    sha = hashlib.sha256(good).hexdigest()
+    blob = HubFile(path="model.safetensors", size=len(good), sha256=sha)
+    hasher = StreamHasher(storage, [blob])
+    with hasher:
+        write(storage / "blobs" / f"{sha}.abcd1234.incomplete", storage / "blobs" / sha, good, hasher)
+    marker = storage / ".lora-prep" / "verified" / f"{sha}.json"
+    return hasher, marker
+
+
+def test_the_stream_hasher_trusts_a_file_written_in_one_pass(tmp_path):
+    def write(incomplete, final, good, hasher):
+        with open(incomplete, "wb") as f:
+            for i in range(0, len(good), 65536):
+                f.write(good[i:i + 65536])
+                f.flush()
+                time.sleep(0.005)
+        os.rename(incomplete, final)
+
+    hasher, marker = _follow_a_writer(tmp_path, write)
+    assert hasher.stats.verified == 1 and marker.is_file()
+
+
+def test_the_stream_hasher_gives_up_on_a_file_truncated_and_rewritten_under_it(tmp_path):
+    def write(incomplete, final, good, hasher):
+        with open(incomplete, "wb") as f:
+            f.write(good[: len(good) // 2])  # the follower reads the correct first half ...
+            f.flush()
+            time.sleep(0.3)
+            f.seek(0)
+            f.truncate()  # ... the transfer starts over (as after a server ignored the Range request) ...
+            f.flush()
+            time.sleep(0.3)
+            f.write(b"\xff" * 1024 + good[1024:])  # ... and the new bytes differ where the follower had read
+        os.rename(incomplete, final)
+
+    hasher, marker = _follow_a_writer(tmp_path, write)
+    assert hasher.stats.verified == 0 and not marker.exists()  # the full verification decides (and would refuse it)
+
+
+def test_the_stream_hasher_gives_up_when_told_a_transfer_started_over_even_if_it_saw_no_truncation(tmp_path):
+    def write(incomplete, final, good, hasher):
+        with open(incomplete, "wb") as f:
+            f.write(good[: len(good) // 2])
+            f.flush()
+            time.sleep(0.2)
+            hasher.distrust()  # huggingface_hub wound its progress bar back: restarted in place
+            f.write(good[len(good) // 2:])
+        os.rename(incomplete, final)
+
+    hasher, marker = _follow_a_writer(tmp_path, write)
+    assert hasher.stats.verified == 0 and not marker.exists()
+
+
+def test_the_stream_hasher_withdraws_its_markers_when_the_bytes_received_do_not_add_up(tmp_path):
+    def write(incomplete, final, good, hasher):
+        incomplete.write_bytes(good)
+        time.sleep(0.2)
+        os.rename(incomplete, final)
+
+    hasher, marker = _follow_a_writer(tmp_path, write)
+    assert marker.is_file()
+    hasher.confirm(received_bytes=2 * 1024 * 1024, missing_bytes=1024 * 1024)  # received twice what was missing
+    assert hasher.stats.verified == 0 and not marker.exists()

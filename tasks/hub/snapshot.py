@@ -30,6 +30,7 @@ from lora_prep.tasks.hub.cache import clean_orphaned_downloads, guarded_hub, rec
 from lora_prep.tasks.hub.env import cache_dir_for, is_offline, repo_cache_dir
 from lora_prep.tasks.hub.errors import hub_errors
 from lora_prep.tasks.hub.facts import content_digest
+from lora_prep.tasks.hub.stream import StreamHasher
 from lora_prep.tasks.hub.verify import (
     VerifyStats,
     discard,
@@ -76,12 +77,14 @@ def missing_bytes(facts: RepoFacts, cache_dir: str) -> int:
 _TRANSFER_BARS = frozenset({"huggingface_hub.snapshot_download.transfer", "huggingface_hub.http_get"})
 
 
-def _byte_counter() -> tuple[type, Callable[[], int]]:
+def _byte_counter(on_rollback: Callable[[], None] = lambda: None) -> tuple[type, Callable[[], int]]:
     """A tqdm class for huggingface_hub that also counts bytes received, bars shown or not.
 
     bytes_transferred is what this call received, not what appeared in the cache: when two
     runs fetch the same model at once, the one that waited on huggingface_hub's file lock
     counts 0 (the cache grew for both). A resumed stream counts each byte once.
+    on_rollback: called when huggingface_hub winds a bar back (a server ignored its Range request:
+    it truncates the partial file and starts that transfer over).
     """
     from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -97,6 +100,8 @@ def _byte_counter() -> tuple[type, Callable[[], int]]:
             if self._lora_prep_counts and n:
                 with lock:
                     received[0] += int(n)
+                if n < 0:
+                    on_rollback()
             return super().update(n)
 
     return CountingTqdm, lambda: received[0]
@@ -125,12 +130,15 @@ def download_snapshot(
     offline = facts.offline or is_offline(source)
     repo_id, sha = facts.repo_id, facts.commit_sha
     assert sha is not None, "a Hub RepoFacts always carries its commit sha"
-    tqdm_class, received = _byte_counter()
 
+    missing = 0
     if not offline:
         clean_orphaned_downloads(cache_dir, repo_id)
-        check_disk_space(cache_dir, missing_bytes(facts, cache_dir), source.min_free_bytes)
-    with guarded_hub(), hub_errors(repo_id, facts.revision):
+        missing = missing_bytes(facts, cache_dir)
+        check_disk_space(cache_dir, missing, source.min_free_bytes)
+    streamed = StreamHasher(storage, [] if offline else [facts.file(p) for p in facts.selected])
+    tqdm_class, received = _byte_counter(on_rollback=streamed.distrust)
+    with guarded_hub(), hub_errors(repo_id, facts.revision), streamed:  # each blob hashed as it lands (hub/stream.py)
         snapshot_dir = Path(
             snapshot_download(
                 repo_id,
@@ -143,6 +151,7 @@ def download_snapshot(
                 tqdm_class=tqdm_class,
             )
         )
+    streamed.confirm(received(), missing)
 
     verified: dict[str, SnapshotFile] = {}
     for attempt in (1, 2):
@@ -178,15 +187,17 @@ def download_snapshot(
 
     if not offline:
         record_ref(cache_dir, repo_id, facts.revision, sha)
+    stats.streamed, stats.streamed_bytes = streamed.stats.verified, streamed.stats.verified_bytes
     transferred = received()
     files = [verified[p] for p in facts.selected]
     run_logger(__name__).info(
-        "%s@%s: %d files in %s, %d bytes received, verified in %.3f s (%d hashed, %d bytes).",
+        "%s@%s: %d files in %s, %d bytes received (%d verified while they downloaded), verified in %.3f s (%d hashed after, %d bytes).",
         repo_id,
         sha[:12],
         len(verified),
         snapshot_dir,
         transferred,
+        stats.streamed,
         stats.seconds,
         stats.hashed,
         stats.hashed_bytes,

@@ -65,6 +65,15 @@ def _write_marker(marker: Path, st: os.stat_result, sha256: str) -> None:
     write_atomic(marker, json.dumps({**_stamp(st), "sha256": sha256}))
 
 
+def write_marker(storage: Path, blob_name: str, st: os.stat_result, sha256: str) -> None:
+    """Record that the blob ``blob_name`` (as ``st`` describes it) has content ``sha256``, checked: a later run trusts it."""
+    _write_marker(_marker_path(storage, blob_name), st, sha256)
+
+
+def remove_marker(storage: Path, blob_name: str) -> None:
+    _marker_path(storage, blob_name).unlink(missing_ok=True)
+
+
 @dataclass
 class VerifyStats:
     """What verification cost one download_snapshot call (for benchmarks and logs)."""
@@ -73,7 +82,9 @@ class VerifyStats:
     hashed: int = 0  # of which hashed (no valid marker)
     hashed_bytes: int = 0
     hash_seconds: float = 0.0
-    seconds: float = 0.0  # the whole verification: stats, markers, hashing
+    seconds: float = 0.0  # the whole verification after the download: stats, markers, hashing
+    streamed: int = 0  # blobs verified from the stream while they downloaded (hub/stream.py)
+    streamed_bytes: int = 0
 
 
 def verify_file(storage: Path, snapshot_dir: Path, hub_file: HubFile, stats: VerifyStats | None = None) -> SnapshotFile | None:
