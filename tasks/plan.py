@@ -63,6 +63,7 @@ def _code_dir(facts: RepoFacts, source: SourceSettings) -> str:
                 token=get_token(source),
                 local_files_only=facts.offline,
             )
+    assert path is not None  # code lists config.json: the loop ran
     return str(Path(path).parent)
 
 
@@ -115,6 +116,8 @@ def plan_prepare(
             raise problems[0]
         kind = RemoteCodeRefused if any(isinstance(p, RemoteCodeRefused) for p in problems) else InvalidInput
         raise kind("; ".join(str(p).rstrip(".") for p in problems) + ".")
+    # No problem: plan_for_repo returned, and the skeleton was built (remote code it did not trust is refused by the load plan).
+    assert load_plan is not None and targets is not None
     if enforce_fit and not load_plan.fits:
         raise DoesNotFit(
             load_plan.reasons["fit"].removeprefix("does not fit: "),

@@ -9,7 +9,7 @@ here reads the environment or touches torch at import time; "auto" and
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,7 +34,7 @@ Names = Annotated[list[str], Field(title="Names")]
 
 
 def is_full_sha(revision: str | None) -> bool:
-    return bool(revision) and bool(_SHA_RE.match(revision))
+    return bool(revision and _SHA_RE.match(revision))
 
 
 class SourceSettings(_Settings):
@@ -119,14 +119,14 @@ class LoadSettings(_Settings):
 
     @field_validator("device_map")
     @classmethod
-    def _check_device_map(cls, value):
+    def _check_device_map(cls, value: str | dict[str, int | str]) -> str | dict[str, int | str]:
         if isinstance(value, str) and not re.match(r"^(auto|cpu|cuda|cuda:\d+|mps)$", value):
             raise ValueError(f"device_map must be auto, cpu, cuda, cuda:N, mps or a dict, got {value!r}.")
         return value
 
     @field_validator("max_memory", mode="before")
     @classmethod
-    def _check_max_memory(cls, value):
+    def _check_max_memory(cls, value: Any) -> dict[str, str] | None:
         if value is None:
             return value
         bad = []
@@ -197,7 +197,7 @@ class LoraSettings(_Settings):
 
     @field_validator("init_lora_weights")
     @classmethod
-    def _check_init(cls, value):
+    def _check_init(cls, value: bool | str) -> bool | str:
         if isinstance(value, bool):
             return value
         if value in _DATA_FREE_INITS:
@@ -210,7 +210,7 @@ class LoraSettings(_Settings):
 
     @field_validator("target_modules")
     @classmethod
-    def _check_targets(cls, value):
+    def _check_targets(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
             raise ValueError("target_modules is an empty list; give module names or a preset such as all-linear.")
         if isinstance(value, str) and value not in PRESETS:
@@ -222,7 +222,7 @@ class LoraSettings(_Settings):
 
     @field_validator("rank_pattern")
     @classmethod
-    def _check_rank_pattern(cls, value):
+    def _check_rank_pattern(cls, value: dict[str, int] | None) -> dict[str, int] | None:
         bad = {k: v for k, v in (value or {}).items() if v <= 0}
         if bad:
             raise ValueError(f"rank_pattern ranks must be positive, got {bad}.")
@@ -230,7 +230,7 @@ class LoraSettings(_Settings):
 
     @field_validator("alpha_pattern")
     @classmethod
-    def _check_alpha_pattern(cls, value):
+    def _check_alpha_pattern(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         bad = {k: v for k, v in (value or {}).items() if v <= 0}
         if bad:
             raise ValueError(f"alpha_pattern alphas must be positive, got {bad}.")
@@ -238,13 +238,13 @@ class LoraSettings(_Settings):
 
     @field_validator("target_modules", "exclude_modules", "modules_to_save")
     @classmethod
-    def _check_names(cls, value):
+    def _check_names(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and any(not name.strip() for name in value):
             raise ValueError(f"module names must not be blank, got {value!r}; remove the empty entries.")
         return value
 
     @model_validator(mode="after")
-    def _orthogonal_needs_even_ranks(self):
+    def _orthogonal_needs_even_ranks(self) -> LoraSettings:
         # PEFT's orthogonal init splits one orthogonal matrix into A and B halves (lora/layer.py).
         if self.init_lora_weights == "orthogonal":
             odd = [self.r] if self.r % 2 else []

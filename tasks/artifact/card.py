@@ -11,7 +11,7 @@ def model_card(manifest: Manifest) -> str:
     if manifest.load_used.quantization_config:  # rebuild the same k-bit base: transformers' own config, as recorded
         where = f'"{base.name_or_path}", revision="{base.commit_sha}"' if base.source == "hub" else f'"{base.name_or_path}"'
         peft_load = (
-            'import json, torch\nfrom transformers import BitsAndBytesConfig\n\n'
+            "import json, torch\nfrom transformers import BitsAndBytesConfig\n\n"
             'manifest = json.load(open("path/to/this/directory/manifest.json"))\n'
             'quantization = BitsAndBytesConfig.from_dict(manifest["load_used"]["quantization_config"])\n'
             f"base = AutoModelForCausalLM.from_pretrained({where}, quantization_config=quantization,\n"

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_prep.tasks.errors import IntegrityError, InvalidInput, RemoteCodeRefused
+from lora_prep.tasks.errors import BadRepo, IntegrityError, InvalidInput, RemoteCodeRefused
+from lora_prep.tasks.records.hub import RepoFacts, Snapshot
 from lora_prep.tasks.records.manifest import Manifest, read_manifest
 from lora_prep.tasks.settings import SourceSettings
 
@@ -37,7 +39,7 @@ class AdapterReady:
     replanned: bool = False
     notes: list[str] = field(default_factory=list)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.tokenizer, self.manifest))
 
     def summary(self) -> dict:
@@ -79,7 +81,7 @@ def _hardware_key(profile: dict) -> tuple:
     return (profile.get("cuda_available"), profile.get("mps_available"), gpus)
 
 
-def check_base_files(manifest: Manifest, snapshot) -> None:
+def check_base_files(manifest: Manifest, snapshot: Snapshot) -> None:
     """Refuse a base whose files differ from the ones the adapter was made on."""
     expected = {f.path: f for f in manifest.base_model.files}
     actual = {f.path: f for f in snapshot.files}
@@ -102,7 +104,7 @@ def check_base_files(manifest: Manifest, snapshot) -> None:
         )
 
 
-def _base_snapshot(manifest: Manifest, source: SourceSettings, base: str | Path | None):
+def _base_snapshot(manifest: Manifest, source: SourceSettings, base: str | Path | None) -> tuple[RepoFacts, Snapshot]:
     """(RepoFacts, Snapshot) of the base: the Hub repo at its commit, or a local directory (the one recorded, or ``base``)."""
     from lora_prep.tasks.hub.env import get_token
     from lora_prep.tasks.hub.repo import resolve_local_dir, resolve_repo
@@ -118,6 +120,11 @@ def _base_snapshot(manifest: Manifest, source: SourceSettings, base: str | Path 
             )
         facts = resolve_local_dir(directory, record.revision if record.source == "local" else "local", source)
         return facts, local_snapshot(facts)
+    if record.commit_sha is None:  # the build stage records the commit of every Hub base
+        raise BadRepo(
+            f"the manifest records the Hub base {record.name_or_path} without its commit sha: the artifact is damaged; prepare it again.",
+            base=record.name_or_path,
+        )
     token = get_token(source)
     facts = resolve_repo(record.name_or_path, record.commit_sha, source, token=token)
     return facts, download_snapshot(facts, source, token=token)

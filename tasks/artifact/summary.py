@@ -46,8 +46,12 @@ def memory_row(plan: LoadPlan) -> Row:
 
 def memory_part_rows(plan: LoadPlan) -> list[Row]:
     """The estimate by class: what a k-bit load quantizes, and what stays in the compute dtype and why."""
-    return [("", f"{part.name}: {part.params:,} parameters as {part.stored_as}, {format_bytes(part.bytes)}") if part.params
-            else ("", f"{part.name}: {format_bytes(part.bytes)}") for part in plan.memory]
+    return [
+        ("", f"{part.name}: {part.params:,} parameters as {part.stored_as}, {format_bytes(part.bytes)}")
+        if part.params
+        else ("", f"{part.name}: {format_bytes(part.bytes)}")
+        for part in plan.memory
+    ]
 
 
 def lora_rows(settings: LoraSettings, targets: TargetPlan) -> list[Row]:

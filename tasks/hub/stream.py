@@ -64,7 +64,7 @@ class StreamHasher:
     def __enter__(self) -> StreamHasher:
         self._blobs.mkdir(parents=True, exist_ok=True)
         for f in self._files:
-            thread = threading.Thread(target=self._follow, args=(f,), name=f"lora-prep-hash-{f.sha256[:8]}", daemon=True)
+            thread = threading.Thread(target=self._follow, args=(f,), name=f"lora-prep-hash-{(f.sha256 or '')[:8]}", daemon=True)
             thread.start()
             self._threads.append(thread)
         with self._lock:

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -105,7 +106,7 @@ def check_package(module: str, distribution: str, *, try_import: bool = True) ->
     return PackageCheck(installed=True, importable=True, version=version)
 
 
-def _cuda_devices(torch) -> list[CudaDevice]:
+def _cuda_devices(torch: Any) -> list[CudaDevice]:
     devices = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
@@ -220,5 +221,5 @@ def format_profile(profile: HardwareProfile) -> str:
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines.append("")
-        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 from lora_prep.tasks.errors import BadRepo
 
@@ -16,7 +17,7 @@ _MLP_RE = re.compile(r"mlp|feed_?forward|ffn|moe|experts?\b", re.IGNORECASE)
 _ROUTER_RE = re.compile(r"(^|_)(gate|router)$|router", re.IGNORECASE)
 
 
-def skeleton(config: dict, *, model_dir: str | None = None, trust_remote_code: bool = False):
+def skeleton(config: dict, *, model_dir: str | None = None, trust_remote_code: bool = False) -> Any:
     """The architecture with meta weights, from config.json (remote code only from ``model_dir`` when trusted)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,7 +41,7 @@ def skeleton(config: dict, *, model_dir: str | None = None, trust_remote_code: b
         ) from None
 
 
-def wrappable(model) -> list[str]:
+def wrappable(model: Any) -> list[str]:
     """Modules PEFT's LoRA dispatchers accept (peft/tuners/lora/model.py); bitsandbytes and HQQ linears are Linear subclasses."""
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -53,7 +54,7 @@ def is_lora_internal(name: str) -> bool:
     return any(part.startswith("lora_") or part == "base_layer" for part in name.split("."))
 
 
-def expert_parameters(model) -> list[str]:
+def expert_parameters(model: Any) -> list[str]:
     """Fused expert weights: 3-D parameters held directly by a module that is not a torch.nn layer
     (transformers 5's ``*Experts`` modules; a Conv1d weight is 3-D too, but belongs to nn.Conv1d)."""
     out = []
@@ -66,7 +67,7 @@ def expert_parameters(model) -> list[str]:
     return out
 
 
-def routers(model) -> list[str]:
+def routers(model: Any) -> list[str]:
     """Direct children of an MoE block (a module with an ``experts`` child) that pick the experts."""
     out = []
     for name, module in model.named_modules():
@@ -85,7 +86,7 @@ def under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def all_linear(model) -> list[str]:
+def all_linear(model: Any) -> list[str]:
     """PEFT's own all-linear resolution (linear + Conv1D, output head removed), in model order."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
@@ -96,7 +97,7 @@ def all_linear(model) -> list[str]:
     return [name for name, _ in model.named_modules() if name in chosen and not is_lora_internal(name)]
 
 
-def block_kind(model, name: str) -> str | None:
+def block_kind(model: Any, name: str) -> str | None:
     """'attention' or 'mlp' by the nearest enclosing block of ``name``; None if neither.
 
     Leaf names cannot decide it (GPT-2 has a c_proj in its attention block and another in its
@@ -112,7 +113,7 @@ def block_kind(model, name: str) -> str | None:
     return None
 
 
-def peft_refusal(model, leaf: str) -> str | None:
+def peft_refusal(model: Any, leaf: str) -> str | None:
     """PEFT's own per-architecture check for one module name (e.g. Mamba's out_proj), as it runs at injection."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
@@ -132,11 +133,11 @@ def search(pattern: str, name: str) -> bool:
         return False
 
 
-def matching(model, entries: list[str]) -> list[str]:
+def matching(model: Any, entries: list[str]) -> list[str]:
     return [n for n, _ in model.named_modules() if n and any(search(rf"(^|.*\.){e}$", n) for e in entries)]
 
 
-def tied(model, names: list[str]) -> list[str]:
+def tied(model: Any, names: list[str]) -> list[str]:
     """Those of ``names`` (modules) whose weight is shared with another module (tied embeddings)."""
     import torch
 

@@ -43,8 +43,11 @@ def _quantized_linears(model: Any, skip_modules: list[str] | None) -> list[tuple
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     keep = HfQuantizer.get_modules_to_not_convert(model, skip_modules, model._keep_in_fp32_modules)
-    return [(name, module) for name, module in model.named_modules()
-            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, keep)]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, keep)
+    ]
 
 
 def _matching(model: Any, patterns: set[str] | list[str] | None) -> set[str]:
@@ -85,8 +88,14 @@ def parameter_census(model: Any, *, skip_modules: list[str] | None = None, adapt
             other += p.numel()
     params = dict(model.named_parameters())
     return ParameterCensus(
-        linear_weight_params=linear_weight, linear_layers=len(quantized), linear_rows=rows, linear_blocks=blocks,
-        linear_nested_blocks=nested, kept_linear_params=kept, embedding_params=embedding, expert_params=experts,
+        linear_weight_params=linear_weight,
+        linear_layers=len(quantized),
+        linear_rows=rows,
+        linear_blocks=blocks,
+        linear_nested_blocks=nested,
+        kept_linear_params=kept,
+        embedding_params=embedding,
+        expert_params=experts,
         other_params=other,
         float32_if_half_params=sum(params[n].numel() for n in _matching(model, model._keep_in_fp32_modules)),
         float32_always_params=sum(params[n].numel() for n in _matching(model, model._keep_in_fp32_modules_strict)),
@@ -111,28 +120,54 @@ def memory_parts(census: ParameterCensus, dtype: str, quantization: str = "none"
         fp32 = max(fp32, census.float32_if_half_params)
     parts: list[MemoryPart] = []
     if quantization == "4bit":
-        state = (census.linear_blocks + census.linear_nested_blocks * 4 + census.linear_layers * CODE_NESTED) if double_quant \
+        state = (
+            (census.linear_blocks + census.linear_nested_blocks * 4 + census.linear_layers * CODE_NESTED)
+            if double_quant
             else census.linear_blocks * 4
+        )
         state += census.linear_layers * CODE_4BIT
-        parts.append(MemoryPart(name="quantized linear weights", params=census.linear_weight_params,
-                                stored_as="4-bit NF4 + absmax" + (" (double-quantized)" if double_quant else ""),
-                                bytes=math.ceil(census.linear_weight_params / 2) + state))
+        parts.append(
+            MemoryPart(
+                name="quantized linear weights",
+                params=census.linear_weight_params,
+                stored_as="4-bit NF4 + absmax" + (" (double-quantized)" if double_quant else ""),
+                bytes=math.ceil(census.linear_weight_params / 2) + state,
+            )
+        )
     elif quantization == "8bit":
-        parts.append(MemoryPart(name="quantized linear weights", params=census.linear_weight_params, stored_as="int8 + float32 row scales",
-                                bytes=census.linear_weight_params + census.linear_rows * 4))
+        parts.append(
+            MemoryPart(
+                name="quantized linear weights",
+                params=census.linear_weight_params,
+                stored_as="int8 + float32 row scales",
+                bytes=census.linear_weight_params + census.linear_rows * 4,
+            )
+        )
     else:
-        parts.append(MemoryPart(name="linear weights", params=census.linear_weight_params, stored_as=dtype,
-                                bytes=census.linear_weight_params * d))
+        parts.append(
+            MemoryPart(name="linear weights", params=census.linear_weight_params, stored_as=dtype, bytes=census.linear_weight_params * d)
+        )
     kept_note = f"{dtype} (not quantized)" if quantization != "none" else dtype
     parts += [
-        MemoryPart(name="output head and unconverted linears", params=census.kept_linear_params, stored_as=kept_note,
-                   bytes=census.kept_linear_params * d),
+        MemoryPart(
+            name="output head and unconverted linears",
+            params=census.kept_linear_params,
+            stored_as=kept_note,
+            bytes=census.kept_linear_params * d,
+        ),
         MemoryPart(name="embeddings", params=census.embedding_params, stored_as=kept_note, bytes=census.embedding_params * d),
-        MemoryPart(name="fused expert parameters", params=census.expert_params,
-                   stored_as=f"{dtype} (bitsandbytes quantizes nn.Linear only)" if quantization != "none" else dtype,
-                   bytes=census.expert_params * d),
-        MemoryPart(name="norms, biases and the rest", params=census.other_params, stored_as=kept_note,
-                   bytes=census.other_params * d + fp32 * (4 - d)),
+        MemoryPart(
+            name="fused expert parameters",
+            params=census.expert_params,
+            stored_as=f"{dtype} (bitsandbytes quantizes nn.Linear only)" if quantization != "none" else dtype,
+            bytes=census.expert_params * d,
+        ),
+        MemoryPart(
+            name="norms, biases and the rest",
+            params=census.other_params,
+            stored_as=kept_note,
+            bytes=census.other_params * d + fp32 * (4 - d),
+        ),
         MemoryPart(name="buffers", params=0, stored_as="as the model holds them", bytes=census.buffer_bytes),
         MemoryPart(name="LoRA adapter", params=census.adapter_params, stored_as="float32", bytes=census.adapter_params * ADAPTER_BYTES),
     ]

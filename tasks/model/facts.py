@@ -9,7 +9,7 @@ without instantiating anything, so ``plan_load`` itself needs no transformers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 from pydantic import Field, model_validator
 
@@ -84,7 +84,7 @@ class ModelFacts(Record):
     @property
     def main_stored_dtype(self) -> str | None:
         """The safetensors dtype holding most parameters (F32, BF16, F16...), or None for pickle-only repos."""
-        return max(self.stored_dtypes, key=self.stored_dtypes.get) if self.stored_dtypes else None
+        return max(self.stored_dtypes, key=self.stored_dtypes.__getitem__) if self.stored_dtypes else None
 
     @classmethod
     def from_config(
@@ -97,7 +97,7 @@ class ModelFacts(Record):
         weight_bytes: int,
         *,
         look_up_attention: bool = True,
-        source: str = "hub",
+        source: Literal["hub", "local"] = "hub",
         code_digest: str | None = None,
     ) -> ModelFacts:
         text = _text_config(config)
@@ -117,7 +117,7 @@ class ModelFacts(Record):
             code_digest=code_digest,
             architecture=architecture,
             model_type=config.get("model_type"),
-            param_count=param_count,
+            param_count=cast(int, param_count),  # None: _estimate_params (mode="before") estimates it from weight_bytes
             stored_dtypes=dict(stored_dtypes or {}),
             config_dtype=config.get("dtype") or config.get("torch_dtype"),
             tie_word_embeddings=tied,

@@ -75,14 +75,14 @@ def _raised_by_attention_check(exc: BaseException) -> bool:
     return False
 
 
-def _device_map_for_accelerate(value):
+def _device_map_for_accelerate(value: Union[str, dict[str, Union[int, str]]]) -> Union[str, dict[str, Union[int, str]]]:
     # The plan keeps JSON keys/values as strings ("0"); accelerate wants GPU indices as ints.
     if isinstance(value, dict):
         return {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in value.items()}
     return value
 
 
-def _placement(model) -> Union[str, dict[str, Union[int, str]]]:
+def _placement(model: Any) -> Union[str, dict[str, Union[int, str]]]:
     device_map = getattr(model, "hf_device_map", None)
     if device_map:
         return {k: v if isinstance(v, int) else str(v) for k, v in device_map.items()}
@@ -221,7 +221,7 @@ def load_model(snapshot_dir: str, plan: LoadPlan, settings: LoadSettings, *, all
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     kbit = _prepare_for_training(model, plan)
-    recorded = getattr(model.config, "quantization_config", None)
+    recorded: Any = getattr(model.config, "quantization_config", None)
     attn_used = model.config._attn_implementation
     if tried:
         log.warning("attention: planned %s, using %s (failed: %s)", plan.attn_implementation, attn_used, ", ".join(tried))

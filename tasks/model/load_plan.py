@@ -11,6 +11,9 @@ ModelFacts (tasks/model/facts.py) is what it knows about the model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Union
+
 from lora_prep.tasks.common.units import format_bytes
 from lora_prep.tasks.common.units import parse_size as _parse_size
 from lora_prep.tasks.errors import DoesNotFit, InvalidInput
@@ -27,6 +30,7 @@ from lora_prep.tasks.model.rules import (
     _Problems,
     _remote_code,
     _resolve_target,
+    _Target,
     kbit_support,
     memory,
     overhead_bytes,
@@ -49,7 +53,9 @@ def parse_size(text: str | int) -> int:
 # --- the plan ------------------------------------------------------------------
 
 
-def _fit_failure(facts, dtype, quant, where, need, weights, overhead, available, options) -> str:
+def _fit_failure(
+    facts: ModelFacts, dtype: str, quant: str, where: str, need: int, weights: int, overhead: int, available: int, options: list[str]
+) -> str:
     return (
         f"{facts.repo_id} needs {format_bytes(need)} ({format_bytes(weights)} of {quant if quant != 'none' else dtype} weights "
         f"+ {format_bytes(overhead)} margin) but {where} {'together have' if ',' in where else 'has'} "
@@ -57,9 +63,18 @@ def _fit_failure(facts, dtype, quant, where, need, weights, overhead, available,
     )
 
 
-def _fit_options(profile, facts, target, dtype, quant, budgets, max_memory, used: list[str]) -> list[str]:
+def _fit_options(
+    profile: HardwareProfile,
+    facts: ModelFacts,
+    target: _Target,
+    dtype: str,
+    quant: str,
+    budgets: dict[str, int],
+    max_memory: dict[str, int],
+    used: list[str],
+) -> list[str]:
     """What would make it fit. Cheaper dtypes/quantization on this placement are offered only when they fit."""
-    options = []
+    options: list[str] = []
     available = sum(budgets[k] for k in used)
 
     def need(d: str, q: str = "none") -> int:
@@ -87,11 +102,27 @@ def _fit_options(profile, facts, target, dtype, quant, budgets, max_memory, used
     return options
 
 
-def _place(profile, settings, target, weights, budgets, max_memory):
-    """(budget keys used, device_map, target_device, max_memory for accelerate, reason)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where the model goes: the budget keys it uses, the device_map and target_device of the LoadPlan,
+    the max_memory handed to accelerate, and the reason."""
+
+    used: list[str]
+    device_map: Union[str, dict[str, Union[int, str]]]
+    target_device: str
+    max_memory: dict[str, int] | None
+    reason: str
+
+
+def _place(
+    profile: HardwareProfile, settings: LoadSettings, target: _Target, weights: int, budgets: dict[str, int], max_memory: dict[str, int]
+) -> Placement:
     if target.kind == "map":
-        used = sorted({_device_key(v) for v in settings.device_map.values()})
-        return used, settings.device_map, "auto", (max_memory or None), f"module map from load.device_map over {', '.join(used)}"
+        # _resolve_target makes a "map" target from a dict only, and plan_load raised on any value that is not a device.
+        assert isinstance(settings.device_map, dict)
+        keys = {_device_key(v) for v in settings.device_map.values()}
+        used = sorted(k for k in keys if k is not None)
+        return Placement(used, settings.device_map, "auto", (max_memory or None), f"module map from load.device_map over {', '.join(used)}")
     if target.kind in ("cpu", "mps"):
         if target.explicit:
             why = "set by load.device_map"
@@ -99,10 +130,10 @@ def _place(profile, settings, target, weights, budgets, max_memory):
             why = "Apple GPU, unified memory shared with RAM"
         else:
             why = "no CUDA or MPS device on this machine"
-        return [target.kind], target.kind, target.kind, None, f"{target.kind}: {why}"
+        return Placement([target.kind], target.kind, target.kind, None, f"{target.kind}: {why}")
     if target.explicit:
         i = target.gpus[0]
-        return [str(i)], f"cuda:{i}", f"cuda:{i}", None, f"{_gpu_name(profile, i)}: set by load.device_map"
+        return Placement([str(i)], f"cuda:{i}", f"cuda:{i}", None, f"{_gpu_name(profile, i)}: set by load.device_map")
 
     def need(devices: int) -> int:
         return weights + overhead_bytes(weights, devices)
@@ -110,15 +141,15 @@ def _place(profile, settings, target, weights, budgets, max_memory):
     for i in target.gpus:
         if need(1) <= budgets[str(i)]:
             why = f"the model fits on one GPU ({_gpu_name(profile, i)}, {format_bytes(budgets[str(i)])} available)"
-            return [str(i)], f"cuda:{i}", f"cuda:{i}", None, f"cuda:{i}: {why}"
+            return Placement([str(i)], f"cuda:{i}", f"cuda:{i}", None, f"cuda:{i}: {why}")
     for k in range(2, len(target.gpus) + 1):
         used = [str(i) for i in target.gpus[:k]]
         if need(k) <= sum(budgets[key] for key in used):
             # Each GPU's weight budget leaves its share of the margin free, so accelerate cannot pack it full.
             weight_budgets = {key: max(0, int((budgets[key] - MARGIN_FIXED_BYTES) / (1 + MARGIN_FRACTION))) for key in used}
             why = f"no single GPU holds {format_bytes(need(1))}; fewest GPUs in index order, weight budgets in max_memory, no CPU offload"
-            return used, "auto", "auto", weight_budgets, f"auto over {', '.join('cuda:' + key for key in used)}: {why}"
-    return [str(i) for i in target.gpus], "auto", "auto", None, "none: too big for the GPUs"
+            return Placement(used, "auto", "auto", weight_budgets, f"auto over {', '.join('cuda:' + key for key in used)}: {why}")
+    return Placement([str(i) for i in target.gpus], "auto", "auto", None, "none: too big for the GPUs")
 
 
 def plan_load(
@@ -153,7 +184,8 @@ def plan_load(
 
     quant = settings.quantization
     weights = weights_bytes(facts, dtype, quant)
-    used, device_map, target_device, plan_max_memory, reasons["placement"] = _place(profile, settings, target, weights, budgets, max_memory)
+    placement = _place(profile, settings, target, weights, budgets, max_memory)
+    used, reasons["placement"] = placement.used, placement.reason
     available = sum(budgets[k] for k in used)
     overhead = overhead_bytes(weights, len(used))
     fits = weights + overhead <= available
@@ -177,12 +209,12 @@ def plan_load(
         dtype=dtype,
         attn_implementation=attn,
         attn_fallbacks=fallbacks,
-        device_map=device_map,
-        max_memory=plan_max_memory,
+        device_map=placement.device_map,
+        max_memory=placement.max_memory,
         quantization=quant,
         gradient_checkpointing=settings.gradient_checkpointing,
         trust_remote_code=trust,
-        target_device=target_device,
+        target_device=placement.target_device,
         estimate_bytes=weights,
         memory=memory(facts, dtype, quant),
         overhead_bytes=overhead,
@@ -193,8 +225,13 @@ def plan_load(
 
 
 def plan_for_repo(
-    profile: HardwareProfile, repo_facts: RepoFacts, settings: LoadSettings, requested_revision: str | None, *,
-    census: ParameterCensus | None = None, enforce_fit: bool = True,
+    profile: HardwareProfile,
+    repo_facts: RepoFacts,
+    settings: LoadSettings,
+    requested_revision: str | None,
+    *,
+    census: ParameterCensus | None = None,
+    enforce_fit: bool = True,
 ) -> LoadPlan:
     """plan_load from the resolve stage's RepoFacts (and the skeleton's census, when the plan stage built one)."""
     facts = ModelFacts.from_repo_facts(repo_facts).model_copy(update={"census": census})

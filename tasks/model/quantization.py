@@ -30,8 +30,9 @@ def bnb_config_dict(quantization: str, dtype: str) -> dict[str, Any] | None:
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=getattr(torch, dtype))
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=getattr(torch, dtype)
+        )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     return json.loads(config.to_json_string(use_diff=False))
@@ -61,7 +62,9 @@ def prepare_for_kbit_training(model: Any, *, input_grads: bool) -> KbitPreparati
     if input_grads:
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     return KbitPreparation(
-        frozen_params=frozen, upcast_to_float32=[], upcast_bytes=0,
+        frozen_params=frozen,
+        upcast_to_float32=[],
+        upcast_bytes=0,
         reason="nothing upcast: unquantized parameters (embeddings, head, norms, fused experts) stay in the compute dtype, "
-               "LoRA weights train in float32; PEFT's prepare_model_for_kbit_training would upcast them all to float32",
+        "LoRA weights train in float32; PEFT's prepare_model_for_kbit_training would upcast them all to float32",
     )

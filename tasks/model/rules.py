@@ -16,7 +16,7 @@ from lora_prep.tasks.errors import InvalidInput, LoraPrepError, RemoteCodeRefuse
 from lora_prep.tasks.model.census import memory_parts
 from lora_prep.tasks.model.facts import ModelFacts
 from lora_prep.tasks.records.machine import HardwareProfile
-from lora_prep.tasks.records.plan import MemoryPart
+from lora_prep.tasks.records.plan import MemoryPart, PlanAttn, PlanDtype
 from lora_prep.tasks.settings import LoadSettings, is_full_sha
 
 # --- sizes and margins ---------------------------------------------------------
@@ -156,7 +156,9 @@ def _budgets(profile: HardwareProfile, max_memory: dict[str, int]) -> dict[str, 
     return {k: int(min(v, max_memory.get(k, unlimited))) for k, v in budgets.items()}
 
 
-def _choose_dtype(profile, facts, settings, target, budgets, problems) -> tuple[str, str]:
+def _choose_dtype(
+    profile: HardwareProfile, facts: ModelFacts, settings: LoadSettings, target: _Target, budgets: dict[str, int], problems: _Problems
+) -> tuple[PlanDtype, str]:
     stored = facts.main_stored_dtype or (facts.config_dtype and f"{facts.config_dtype} (config)") or "unknown dtype"
     gpus = [profile.cuda_devices[i] for i in target.gpus if i < len(profile.cuda_devices)]
     no_bf16 = [d for d in gpus if not d.bf16]
@@ -187,7 +189,10 @@ def _choose_dtype(profile, facts, settings, target, budgets, problems) -> tuple[
     if settings.quantization != "none":
         # A k-bit load is about memory: what bitsandbytes leaves unquantized (embeddings, the head, norms, fused
         # experts) and the dequantized matmuls take half of float32's bytes in bfloat16, as QLoRA computes.
-        return "bfloat16", f"bfloat16: the compute dtype of a {settings.quantization} load on CPU (half of float32 for what stays unquantized); weights stored as {stored}"
+        return (
+            "bfloat16",
+            f"bfloat16: the compute dtype of a {settings.quantization} load on CPU (half of float32 for what stays unquantized); weights stored as {stored}",
+        )
     # CPU: float32, the safe default for correctness: bf16 matmuls are slow on x86 without AMX/AVX512-BF16
     # and fp16 is slower still, and CPU training wants fp32 accumulation anyway. Kept even on CPUs with
     # bf16 instructions, so the same settings give the same artifact on every CPU machine. One exception:
@@ -237,16 +242,24 @@ def _choose_quantization(profile: HardwareProfile, settings: LoadSettings, targe
     if "disk" in kinds or (len(kinds) > 1 and "cpu" in kinds):
         # transformers refuses a bitsandbytes load that offloads part of the model to CPU or disk (unless those
         # modules are kept unquantized in float32, llm_int8_enable_fp32_cpu_offload, which defeats the point).
-        problems.add(InvalidInput, f"load.quantization={q!r} cannot offload to {' or '.join(k for k in kinds if k in ('cpu', 'disk'))} "
-                                   f"(load.device_map={settings.device_map!r}): place the whole model on the GPUs or on cpu, or use quantization=none")
+        problems.add(
+            InvalidInput,
+            f"load.quantization={q!r} cannot offload to {' or '.join(k for k in kinds if k in ('cpu', 'disk'))} "
+            f"(load.device_map={settings.device_map!r}): place the whole model on the GPUs or on cpu, or use quantization=none",
+        )
     for kind in [k for k in kinds if k != "disk"]:
         runs, why = kbit_support(profile, kind, q)
         if not runs:
-            problems.add(InvalidInput, f"load.quantization={q!r} needs bitsandbytes' {q} on {kind}, which does not run here ({why}): "
-                                       "use quantization=none, or a device where bitsandbytes runs it")
+            problems.add(
+                InvalidInput,
+                f"load.quantization={q!r} needs bitsandbytes' {q} on {kind}, which does not run here ({why}): "
+                "use quantization=none, or a device where bitsandbytes runs it",
+            )
     how = "NF4, double-quantized absmax" if q == "4bit" else "LLM.int8, a float32 scale per row"
-    return (f"{q}: bitsandbytes {profile.bitsandbytes.version or ''} on {', '.join(kinds)} ({how}); it quantizes nn.Linear weights only: "
-            "embeddings, the head, norms, biases and fused expert parameters stay in the compute dtype")
+    return (
+        f"{q}: bitsandbytes {profile.bitsandbytes.version or ''} on {', '.join(kinds)} ({how}); it quantizes nn.Linear weights only: "
+        "embeddings, the head, norms, biases and fused expert parameters stay in the compute dtype"
+    )
 
 
 def _sdpa_status(facts: ModelFacts) -> bool | None:
@@ -258,7 +271,9 @@ def _sdpa_status(facts: ModelFacts) -> bool | None:
     return facts.model_type not in NO_SDPA_MODEL_TYPES
 
 
-def _choose_attn(profile, facts, settings, target, dtype, problems) -> tuple[str, list[str], str]:
+def _choose_attn(
+    profile: HardwareProfile, facts: ModelFacts, settings: LoadSettings, target: _Target, dtype: str, problems: _Problems
+) -> tuple[PlanAttn, list[str], str]:
     gpus = [profile.cuda_devices[i] for i in target.gpus if i < len(profile.cuda_devices)]
     flash_blockers = []
     if not gpus:

@@ -50,7 +50,7 @@ def check_remote_code(snapshot: Path, trusted: bool) -> None:
 # --- tokenizer and pad token --------------------------------------------------------
 
 
-def choose_pad_token(tokenizer) -> tuple[str, str]:
+def choose_pad_token(tokenizer: Any) -> tuple[str, str]:
     """(pad token, why). Why this order: docs/PADDING.md.
 
     1. the tokenizer's own pad token, unless it is eos (a collator that masks pad ids in the
@@ -104,7 +104,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> tuple[Any, str
     return tokenizer, strategy
 
 
-def fit_embeddings_to_tokenizer(model, tokenizer) -> bool:
+def fit_embeddings_to_tokenizer(model: Any, tokenizer: Any) -> bool:
     """Grow the embeddings when the tokenizer has more ids than rows; new rows = mean of the old ones.
 
     Mean rows (Hewitt, "Initializing new word embeddings", 2021) keep the new token's logit at the
@@ -125,7 +125,7 @@ def fit_embeddings_to_tokenizer(model, tokenizer) -> bool:
     return True
 
 
-def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:
     """save_pretrained without the load-time arguments transformers keeps in init_kwargs."""
     saved = dict(tokenizer.init_kwargs)
     for key in LOAD_TIME_KWARGS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 
@@ -24,7 +24,7 @@ from lora_prep.tasks.records.machine import HardwareProfile
 from lora_prep.tasks.records.plan import LoadPlan, TargetPlan
 from lora_prep.tasks.settings import LoadSettings, LoraSettings
 
-SCHEMA = "lora-prep/manifest@2"
+SCHEMA: Final = "lora-prep/manifest@2"
 MANIFEST = "manifest.json"
 
 

@@ -11,6 +11,7 @@ from lora_prep.tasks.records.base import Record
 from lora_prep.tasks.settings import LoraSettings
 
 PlanDtype = Literal["bfloat16", "float16", "float32"]
+PlanAttn = Literal["flash_attention_2", "sdpa", "eager"]
 
 
 def module_leaves(names: list[str]) -> list[str]:
@@ -65,7 +66,7 @@ class LoadPlan(Record):
     """How tasks/model/load.py loads the model, with the reason for each choice. JSON in, JSON out."""
 
     dtype: PlanDtype
-    attn_implementation: Literal["flash_attention_2", "sdpa", "eager"]
+    attn_implementation: PlanAttn
     attn_fallbacks: list[str] = Field(
         default_factory=list, description="Try these in order if the planned attention fails at load; empty when chosen explicitly."
     )
