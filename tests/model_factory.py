@@ -129,9 +129,7 @@ def _tokenizer_json() -> str:
     # Line order fixed: BPE merges (and so the vocab) depend only on this text.
     tok.train_from_iterator([line for line in _TEXT.splitlines() if line.strip()], trainer=trainer)
     # Llama-style: a BOS in front of every sequence, no EOS (training code appends it).
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)])
     assert tok.token_to_id(UNK) == UNK_ID and tok.token_to_id(BOS) == BOS_ID and tok.token_to_id(EOS) == EOS_ID
     return tok.to_str()
 
@@ -160,21 +158,35 @@ def _config(arch: str, dtype: torch.dtype):
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=None, vocab_size=VOCAB_SIZE)
     if arch == "llama":
         cfg = LlamaConfig(
-            hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS, **ids,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            **ids,
         )
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS, **ids)
     elif arch == "phi3":
         cfg = Phi3Config(
-            hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
-            original_max_position_embeddings=MAX_POSITIONS, **ids,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            original_max_position_embeddings=MAX_POSITIONS,
+            **ids,
         )
     elif arch == "gpt_neox":
         cfg = GPTNeoXConfig(
-            hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS, **ids,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            **ids,
         )
     elif arch in _EXTRA_CONFIGS:
         from transformers import AutoConfig
@@ -187,46 +199,82 @@ def _config(arch: str, dtype: torch.dtype):
 
 
 _ATTENTION = dict(
-    hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
+    hidden_size=HIDDEN,
+    intermediate_size=INTERMEDIATE,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    max_position_embeddings=MAX_POSITIONS,
 )
 _MOE = dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
 _MAMBA = dict(
-    hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=SSM_STATE, expand=SSM_EXPAND, conv_kernel=SSM_CONV,
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    state_size=SSM_STATE,
+    expand=SSM_EXPAND,
+    conv_kernel=SSM_CONV,
 )
 _HEAD_DIM = HIDDEN // HEADS
 
 _EXTRA_CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(
-        _ATTENTION, head_dim=_HEAD_DIM, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-        moe_intermediate_size=MOE_INTERMEDIATE, decoder_sparse_step=1,  # every layer MoE
+        _ATTENTION,
+        head_dim=_HEAD_DIM,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        moe_intermediate_size=MOE_INTERMEDIATE,
+        decoder_sparse_step=1,  # every layer MoE
     ),
     "mixtral": dict(_ATTENTION, **_MOE),
     "granitemoe": dict(_ATTENTION, **_MOE),
     "gpt_oss": dict(
-        _ATTENTION, **_MOE, head_dim=_HEAD_DIM, layer_types=["sliding_attention", "full_attention"],
+        _ATTENTION,
+        **_MOE,
+        head_dim=_HEAD_DIM,
+        layer_types=["sliding_attention", "full_attention"],
         # The default YaRN (factor 32 over 4096 original positions) contradicts 128 positions and
         # warns at every load; factor 2 over 64 is consistent and keeps the YaRN code path.
         rope_parameters={
-            "rope_type": "yarn", "rope_theta": 150000.0, "factor": MAX_POSITIONS / 64,
-            "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": MAX_POSITIONS / 64,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
         },
     ),
     "phimoe": dict(_ATTENTION, **_MOE),
     "deepseek_v3": dict(
-        _ATTENTION, moe_intermediate_size=MOE_INTERMEDIATE, n_routed_experts=EXPERTS, n_shared_experts=1,
-        num_experts_per_tok=TOP_K, n_group=1, topk_group=1,
+        _ATTENTION,
+        moe_intermediate_size=MOE_INTERMEDIATE,
+        n_routed_experts=EXPERTS,
+        n_shared_experts=1,
+        num_experts_per_tok=TOP_K,
+        n_group=1,
+        topk_group=1,
         first_k_dense_replace=1,  # layer 0 dense MLP, layer 1 MoE
         # MLA: q and kv pass 16-wide low-rank bottlenecks; q/k heads = 4 rotary + 4 plain dims.
-        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=_HEAD_DIM,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=_HEAD_DIM,
     ),
     "mamba": dict(_MAMBA),
     "mamba2": dict(_MAMBA, num_heads=8, head_dim=8, n_groups=1),  # 8 heads * 8 = SSM_EXPAND * HIDDEN
     "jamba": dict(
-        _ATTENTION, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-        attn_layer_period=2, attn_layer_offset=1,  # layer 0 mamba, layer 1 attention
-        expert_layer_period=2, expert_layer_offset=1,  # layer 0 dense MLP, layer 1 MoE
-        mamba_d_state=SSM_STATE, mamba_d_conv=SSM_CONV, mamba_expand=SSM_EXPAND, mamba_dt_rank=4,
+        _ATTENTION,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        attn_layer_period=2,
+        attn_layer_offset=1,  # layer 0 mamba, layer 1 attention
+        expert_layer_period=2,
+        expert_layer_offset=1,  # layer 0 dense MLP, layer 1 MoE
+        mamba_d_state=SSM_STATE,
+        mamba_d_conv=SSM_CONV,
+        mamba_expand=SSM_EXPAND,
+        mamba_dt_rank=4,
     ),
 }
 
@@ -264,8 +312,7 @@ def _moe_structure(arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if param.ndim == 3
     )
     gates = tuple(
-        name for name in modules
-        if name.rpartition(".")[2] in ("gate", "router") and f"{name.rpartition('.')[0]}.experts" in modules
+        name for name in modules if name.rpartition(".")[2] in ("gate", "router") and f"{name.rpartition('.')[0]}.experts" in modules
     )
     return fused, gates
 
@@ -283,13 +330,13 @@ def routers(arch: str) -> list[str]:
 
 # --- remote code -------------------------------------------------------------------
 
-_CONFIGURATION_TINY = '''\
+_CONFIGURATION_TINY = """\
 from transformers import LlamaConfig
 
 
 class TinyRemoteConfig(LlamaConfig):
     model_type = "tiny-remote"
-'''
+"""
 
 # Proof that the repo's code ran: an attribute on the model, and a marker file
 # when the test sets LORA_PREP_TEST_REMOTE_CODE_MARKER to a path.
@@ -429,10 +476,18 @@ _WIDE = {
     "llama": dict(num_hidden_layers=2),
     "qwen3_moe": dict(num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=TOP_K, decoder_sparse_step=1),
     "jamba": dict(
-        num_hidden_layers=2, num_experts=EXPERTS, num_experts_per_tok=TOP_K, attn_layer_period=2, attn_layer_offset=1,
+        num_hidden_layers=2,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        attn_layer_period=2,
+        attn_layer_offset=1,
         # dt_rank 64 and state 16: x_proj's 64 + 2 * 16 = 96 rows and dt_proj's 64 columns suit bitsandbytes' CPU
         # inference packing (rows in 32s, columns in 64s), as real Jamba sizes do.
-        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=SSM_CONV, mamba_expand=SSM_EXPAND,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=16,
+        mamba_d_conv=SSM_CONV,
+        mamba_expand=SSM_EXPAND,
         mamba_dt_rank=64,
     ),
 }
@@ -446,8 +501,16 @@ def build_wide_model_dir(arch: str, out: Path, *, width: int = 128, seed: int = 
     if arch not in _WIDE:
         raise ValueError(f"no wide variant of {arch!r}; use one of {', '.join(_WIDE)}.")
     heads = 4
-    sizes = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=heads, num_key_value_heads=2,
-                 max_position_embeddings=MAX_POSITIONS, vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    sizes = dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        vocab_size=VOCAB_SIZE,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
     if arch == "qwen3_moe":
         sizes.update(head_dim=width // heads, moe_intermediate_size=width // 2)
     torch_dtype = _torch_dtype(dtype)
@@ -462,7 +525,16 @@ def build_wide_model_dir(arch: str, out: Path, *, width: int = 128, seed: int = 
     return out
 
 
-def build_big_model_dir(out: Path, hidden: int = 1024, layers: int = 8, *, seed: int = 0) -> Path:
+def build_big_model_dir(
+    out: Path,
+    hidden: int = 1024,
+    layers: int = 8,
+    *,
+    seed: int = 0,
+    vocab: int = 8192,
+    intermediate: int | None = None,
+    max_shard_size: str = "100MB",
+) -> Path:
     """A llama for benchmarks: defaults give ~115 M params, ~230 MB in bfloat16 (not used by tests).
 
     Weights are filled with a cheap normal draw instead of transformers' per-module
@@ -474,9 +546,16 @@ def build_big_model_dir(out: Path, hidden: int = 1024, layers: int = 8, *, seed:
     out.mkdir(parents=True, exist_ok=True)
     heads = max(1, hidden // 64)  # head_dim 64, as in real llamas
     cfg = LlamaConfig(
-        vocab_size=8192, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-        max_position_embeddings=2048, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=None,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or int(hidden * 2.75) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=2048,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=None,
     )
     cfg.dtype = torch.bfloat16
     torch.manual_seed(seed)
@@ -492,7 +571,7 @@ def build_big_model_dir(out: Path, hidden: int = 1024, layers: int = 8, *, seed:
         # Buffers (rotary inv_freq) are left uninitialised: they are not persistent,
         # so save_pretrained skips them and from_pretrained recomputes them.
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-    model.save_pretrained(str(out), max_shard_size="100MB")
+    model.save_pretrained(str(out), max_shard_size=max_shard_size)
     save_tokenizer(out)
     return out
 
@@ -517,9 +596,15 @@ class TestRepo:
 
 # One repo per EXTRA_ARCHS entry, published by build_test_repos.
 EXTRA_REPOS = {
-    "qwen3_moe": "tiny/qwen3-moe", "mixtral": "tiny/mixtral", "granitemoe": "tiny/granite-moe",
-    "gpt_oss": "tiny/gpt-oss", "phimoe": "tiny/phimoe", "deepseek_v3": "tiny/deepseek-v3",
-    "mamba": "tiny/mamba", "mamba2": "tiny/mamba2", "jamba": "tiny/jamba",
+    "qwen3_moe": "tiny/qwen3-moe",
+    "mixtral": "tiny/mixtral",
+    "granitemoe": "tiny/granite-moe",
+    "gpt_oss": "tiny/gpt-oss",
+    "phimoe": "tiny/phimoe",
+    "deepseek_v3": "tiny/deepseek-v3",
+    "mamba": "tiny/mamba",
+    "mamba2": "tiny/mamba2",
+    "jamba": "tiny/jamba",
 }
 _EXTRA_NOTES = {
     "qwen3_moe": "fused experts (3-D mlp.experts.gate_up_proj/down_proj) in both layers; router mlp.gate",
@@ -527,8 +612,7 @@ _EXTRA_NOTES = {
     "granitemoe": "fused block_sparse_moe.experts in both layers; router block_sparse_moe.router",
     "gpt_oss": "fused experts stored transposed (E, in, out) with biases; attention sinks; router mlp.router",
     "phimoe": "router mlp.router is an nn.Linear subclass returning a tuple: all-linear wraps it and breaks forward",
-    "deepseek_v3": "MLA attention (q_a/q_b_proj, kv_a_proj_with_mqa, kv_b_proj); layer 0 dense, "
-    "layer 1 MoE + shared_experts",
+    "deepseek_v3": "MLA attention (q_a/q_b_proj, kv_a_proj_with_mqa, kv_b_proj); layer 0 dense, layer 1 MoE + shared_experts",
     "mamba": "state-space, no attention; PEFT refuses LoRA on out_proj and conv1d",
     "mamba2": "state-space (SSD), no attention; PEFT refuses LoRA on out_proj and conv1d",
     "jamba": "hybrid: layer 0 mamba + dense MLP, layer 1 attention + MoE; PEFT allows its mamba.out_proj",
@@ -562,7 +646,12 @@ def build_test_repos(store: Path) -> dict[str, TestRepo]:
         second = build_model_dir("llama", work / "llama-main", seed=1)
         sha_main = publish(store, "tiny/llama", second)
         repos["tiny/llama"] = TestRepo(
-            "tiny/llama", "llama", sha_main, {"main": sha_main, "v1": sha_v1}, _files(second), False,
+            "tiny/llama",
+            "llama",
+            sha_main,
+            {"main": sha_main, "v1": sha_v1},
+            _files(second),
+            False,
             "two commits on main: v1 tags the first (seed 0), main is the second (seed 1); weights differ",
         )
         one("tiny/gpt2", "gpt2", "Conv1D layers, lm_head tied to wte")
@@ -570,19 +659,22 @@ def build_test_repos(store: Path) -> dict[str, TestRepo]:
         one("tiny/gpt-neox", "gpt_neox", "fused query_key_value; config has legacy torch_dtype key")
         one("tiny/llama-sharded", "llama", "3 safetensors shards + model.safetensors.index.json", shards=3, seed=3)
         one(
-            "tiny/llama-extras", "llama",
+            "tiny/llama-extras",
+            "llama",
             "model.safetensors plus duplicates never to download: pytorch_model.bin, original/*",
-            extras=True, seed=4,
+            extras=True,
+            seed=4,
         )
         one("tiny/llama-pickle", "llama", "weights only as pytorch_model.bin (pickle)", pickle_only=True, seed=5)
         one(
-            "tiny/remote-code", "llama",
+            "tiny/remote-code",
+            "llama",
             f"auto_map -> modeling_tiny.py; sets model.loaded_by_remote_code and writes ${REMOTE_CODE_MARKER_ENV}",
-            remote_code=True, seed=6,
+            remote_code=True,
+            seed=6,
         )
         one("tiny/gated", "llama", "gated: needs a token with access", gated=True, seed=2)
         # One repo per transformers-5 architecture, seeds 10.. in EXTRA_ARCHS order (~0.04 s each).
         for seed, arch in enumerate(EXTRA_ARCHS, start=10):
             one(EXTRA_REPOS[arch], arch, _EXTRA_NOTES[arch], seed=seed)
     return repos
-

@@ -53,3 +53,27 @@ def test_a_model_that_cannot_run_shortened_is_checked_with_all_its_layers(tokeni
     model, _ = wrap_lora(base, LoraSettings(r=4))
     record = run_check(model, tokenizer)
     assert record.layers == record.layers_total == base._all_layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3_moe", "jamba"])
+def test_the_check_scores_a_slice_of_the_head_and_never_runs_the_whole_vocabulary(tokenizer, arch):
+    from lora_prep.tasks.model.check import HEAD_ROWS
+
+    model, _ = wrap_lora(_model(arch, 2), LoraSettings(r=4, init_lora_weights=False))
+    head = model.get_base_model().get_output_embeddings()
+    whole = []
+    handle = head.register_forward_hook(lambda module, args, output: whole.append(output.shape))
+    try:
+        record = run_check(model, tokenizer)
+    finally:
+        handle.remove()
+    assert whole == []  # the full vocabulary x hidden matrix was never multiplied (on CPU: never paged in)
+    assert record.head_rows is not None and record.head_rows <= HEAD_ROWS + record.tokens < head.out_features
+    assert model.get_base_model().get_output_embeddings() is head  # restored after the pass
+    assert record.loss > 0
+
+
+def test_a_head_trained_in_full_is_run_whole(tokenizer):
+    model, _ = wrap_lora(_model("llama", 2), LoraSettings(r=4, modules_to_save=["lm_head"]))
+    record = run_check(model, tokenizer)
+    assert record.head_rows is None and record.layers == 1

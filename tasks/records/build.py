@@ -59,6 +59,7 @@ class CheckRecord(Record):
     tokens: int
     layers: int = Field(default=0, description="Decoder layers the pass ran: one of each kind (or all of them).")
     layers_total: int = Field(default=0, description="Decoder layers the model has.")
+    head_rows: int | None = Field(default=None, description="Rows of the output head the pass scored (None: the whole vocabulary).")
     loss: float | None = None
     seconds: float
 
