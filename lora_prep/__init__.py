@@ -8,8 +8,8 @@ The public API::
     model, tokenizer, manifest = load_adapter_ready(prepared.artifact_dir, trainable=True)
 
 Names are imported on first use (PEP 562 ``__getattr__``), not here: ``lora-prep --help``
-and ``import lora_prep`` must not pay for torch, transformers and Prefect (seconds), and
-the CLI starts those imports in the background itself. The table below is the whole API.
+and ``import lora_prep`` must not pay for torch, transformers and Prefect (seconds); a stage
+imports them, on the main thread, when it first needs them. The table below is the whole API.
 """
 
 from __future__ import annotations
