@@ -37,13 +37,14 @@ def dry_run(
 ) -> PlanReport:
     """The prepare flow's first three stages, called as the flow calls them (their plain functions), and the report."""
     from lora_prep.tasks.hub.env import cache_dir_for
-    from lora_prep.tasks.plan import plan
-    from lora_prep.tasks.probe import probe
-    from lora_prep.tasks.resolve import resolve
+    from lora_prep.tasks.machine.hardware import probe_hardware
+    from lora_prep.tasks.plan import plan_prepare
+    from lora_prep.tasks.resolve import resolve_model
 
-    facts = resolve.fn(model_id, revision, source)
-    profile = probe.fn(source.cache_dir, kbit=load.quantization != "none")
-    planned = plan.fn(profile, facts, load, lora, output, revision, source, tracking, enforce_fit=False, create_output=False)
+    # The functions the flow's resolve, probe and plan tasks wrap, in the flow's order.
+    facts = resolve_model(model_id, revision, source)
+    profile = probe_hardware(source.cache_dir, kbit=load.quantization != "none")
+    planned = plan_prepare(profile, facts, load, lora, output, revision, source, tracking, enforce_fit=False, create_output=False)
     sizes = {f.path: f.size for f in facts.files}
     cached = set(_cached(facts, cache_dir_for(source)))
     return PlanReport(

@@ -92,7 +92,8 @@ def plan_prepare(
     trusted = remote_code_trusted(ModelFacts.from_repo_facts(facts, look_up_attention=False), load, revision)
     if not ships_code(facts.config) or trusted:  # a skeleton of remote code only once the plan trusts it
         try:
-            model = skeleton(facts.config, model_dir=_code_dir(facts, source) if trusted else None, trust_remote_code=trusted)
+            code_dir = _code_dir(facts, source) if trusted else None
+            model = skeleton(facts.config, model_dir=code_dir, trust_remote_code=trusted)
             census = parameter_census(model)  # before PEFT wraps the skeleton: its LoRA layers are not the model's
             targets = plan_targets(model, lora)
             census = census.model_copy(update={"adapter_params": targets.trainable_params or 0})

@@ -33,22 +33,30 @@ from typing import Any
 
 from lora_prep.tasks.errors import InvalidInput, UnknownTargetModule
 from lora_prep.tasks.lora.config import config_for, lora_config, out_of_peft_conversion
-from lora_prep.tasks.model.anatomy import (
-    all_linear,
-    block_kind,
-    expert_parameters,
-    matching,
-    peft_refusal,
-    routers,
-    search,
-    tied,
-    under,
-    wrappable,
-)
+from lora_prep.tasks.model.anatomy import Anatomy, read_anatomy
 from lora_prep.tasks.records.plan import TargetPlan, module_leaves, parameter_leaves
 from lora_prep.tasks.settings import DEFAULT_DROPOUT, PRESETS, LoraSettings
 
 _NAMES_SHOWN = 12  # targetable names listed in an error, to keep it one readable line
+
+
+# --- PEFT's name rules -----------------------------------------------------------------------------
+
+
+def search(pattern: str, name: str) -> bool:
+    try:
+        return re.match(pattern, name) is not None
+    except re.error:  # PEFT treats these entries as regexes; a broken one matches nothing
+        return False
+
+
+def under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def matching_names(names: list[str], entries: list[str]) -> list[str]:
+    """The names that PEFT's modules_to_save entries pick (each entry a regex for the last dotted parts)."""
+    return [n for n in names if any(search(rf"(^|.*\.){e}$", n) for e in entries)]
 
 
 # --- resolution ---------------------------------------------------------------------------------
@@ -79,25 +87,23 @@ def _short(names: list[str]) -> str:
     return ", ".join(short[:_NAMES_SHOWN]) + more
 
 
-def _preset(model: Any, spec: str, experts: list[str], router_names: list[str], excluded: dict[str, str]) -> tuple[list[str], list[str]]:
-    linear = all_linear(model)
-    for name in linear:
-        if under(name, router_names):
+def _preset(anatomy: Anatomy, spec: str, excluded: dict[str, str]) -> tuple[list[str], list[str]]:
+    experts = anatomy.experts
+    for name in anatomy.all_linear:
+        if under(name, anatomy.routers):
             excluded[name] = "router of a mixture-of-experts block: left out of presets (name it to target it)"
-    linear = [n for n in linear if not under(n, router_names)]
+    linear = [n for n in anatomy.all_linear if not under(n, anatomy.routers)]
     if spec == "attention":
-        return [n for n in linear if block_kind(model, n) == "attention"], []
+        return [n for n in linear if anatomy.block_kinds[n] == "attention"], []
     if spec == "mlp":
-        return [n for n in linear if block_kind(model, n) == "mlp"], experts
+        return [n for n in linear if anatomy.block_kinds[n] == "mlp"], experts
     if spec == "experts":
         return [n for n in linear if any("expert" in part for part in n.split(".")[:-1])], experts
     return linear, experts  # all-linear
 
 
-def _explicit(
-    model: Any, spec: str | list[str], wrappable: list[str], experts: list[str], problems: list[str]
-) -> tuple[list[str], list[str]]:
-    params = [f"{n}.{p}" for n, m in model.named_modules() if n for p, t in m.named_parameters(recurse=False) if t.ndim >= 2]
+def _explicit(anatomy: Anatomy, spec: str | list[str], problems: list[str]) -> tuple[list[str], list[str]]:
+    wrappable, experts, params = anatomy.wrappable, anatomy.experts, anatomy.matrices
     if isinstance(spec, list):
         hit_modules: set[str] = set()
         hit_parameters: set[str] = set()
@@ -125,9 +131,9 @@ def _explicit(
     return modules, parameters
 
 
-def _check_other_names(model: Any, lora: LoraSettings, targets: list[str], wrappable: list[str], problems: list[str]) -> None:
+def _check_other_names(anatomy: Anatomy, lora: LoraSettings, targets: list[str], problems: list[str]) -> None:
     """exclude_modules, modules_to_save and the rank/alpha patterns must each match something."""
-    all_names = [n for n, _ in model.named_modules() if n]
+    wrappable, all_names = anatomy.wrappable, anatomy.modules
     for entry in lora.exclude_modules or []:
         if not any(_matches_entry(n, entry) for n in wrappable):
             problems.append(_unknown("exclude_modules", entry, _suffixes(wrappable), "entry"))
@@ -171,46 +177,41 @@ def resolve_targets(model: Any, lora: LoraSettings) -> TargetPlan:
     exclusions leave nothing.
     """
     from peft.tuners.tuners_utils import check_target_module_exists
-    from transformers.pytorch_utils import Conv1D
 
-    candidates = wrappable(model)
-    experts = expert_parameters(model)
-    router_names = routers(model)
+    anatomy = read_anatomy(model)
+    name, experts = anatomy.model_class, anatomy.experts
     problems: list[str] = []
     excluded: dict[str, str] = {}
     spec = lora.target_modules
     if isinstance(spec, str) and spec in PRESETS:
-        modules, parameters = _preset(model, spec, experts, router_names, excluded)
-        for name in list(modules):
-            refusal = peft_refusal(model, name.rsplit(".", 1)[-1])
+        modules, parameters = _preset(anatomy, spec, excluded)
+        for module in list(modules):
+            refusal = anatomy.peft_refusals.get(module.rsplit(".", 1)[-1])
             if refusal:
-                excluded[name] = f"PEFT refuses it for this architecture: {refusal}"
-                modules.remove(name)
+                excluded[module] = f"PEFT refuses it for this architecture: {refusal}"
+                modules.remove(module)
         if not modules and not parameters:
             what = "no experts" if spec == "experts" else f"no {spec} layers LoRA can wrap"
-            problems.append(f"target_modules preset {spec!r} matches nothing: {type(model).__name__} has {what}")
+            problems.append(f"target_modules preset {spec!r} matches nothing: {name} has {what}")
     else:
-        modules, parameters = _explicit(model, spec, candidates, experts, problems)
-        for name in modules:
-            refusal = peft_refusal(model, name.rsplit(".", 1)[-1])
-            if refusal:
-                problems.append(
-                    f"target_modules names {name.rsplit('.', 1)[-1]!r}, which PEFT refuses for {type(model).__name__}: {refusal}"
-                )
-    _check_other_names(model, lora, modules, candidates, problems)
+        modules, parameters = _explicit(anatomy, spec, problems)
+        for module in modules:
+            leaf = module.rsplit(".", 1)[-1]
+            if leaf in anatomy.peft_refusals:
+                problems.append(f"target_modules names {leaf!r}, which PEFT refuses for {name}: {anatomy.peft_refusals[leaf]}")
+    _check_other_names(anatomy, lora, modules, problems)
     if problems:
         raise UnknownTargetModule(
-            f"{'; '.join(problems)}; modules LoRA can wrap in {type(model).__name__}: {_short(candidates)}"
+            f"{'; '.join(problems)}; modules LoRA can wrap in {name}: {_short(anatomy.wrappable)}"
             + (f"; expert parameters: {_short(experts)}" if experts else "")
             + "; fix the names, or use a preset (all-linear, attention, mlp"
             + (", experts" if experts else "")
             + ").",
-            model=type(model).__name__,
+            model=name,
         )
     modules, parameters = out_of_peft_conversion(model, lora, modules, parameters)
     dropout, dropout_reason = _dropout(lora, parameters)
-    named = dict(model.named_modules())
-    fan_in_fan_out = any(isinstance(named[m], Conv1D) for m in modules)
+    fan_in_fan_out = any(m in anatomy.conv1d for m in modules)
     # Apply exclude_modules and modules_to_save with PEFT's own check (falsy for excluded names).
     probe = lora_config(lora, modules, [], dropout=dropout, fan_in_fan_out=False)
     modules = [n for n in modules if check_target_module_exists(probe, n)]
@@ -218,9 +219,10 @@ def resolve_targets(model: Any, lora: LoraSettings) -> TargetPlan:
         raise InvalidInput(
             f"target_modules {lora.target_modules!r} minus exclude_modules {lora.exclude_modules} and "
             f"modules_to_save {lora.modules_to_save} leaves nothing to train; exclude fewer modules.",
-            model=type(model).__name__,
+            model=name,
         )
-    tie = bool(tied(model, modules + list(matching(model, lora.modules_to_save or []))))
+    saved = matching_names(anatomy.modules, lora.modules_to_save or [])
+    tie = any(m in anatomy.tied for m in modules + saved)
     return TargetPlan(
         target_modules=modules,
         target_parameters=parameters,

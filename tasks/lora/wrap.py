@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from lora_prep.tasks.common.units import format_bytes
 from lora_prep.tasks.errors import InvalidInput
 from lora_prep.tasks.lora.config import config_for
-from lora_prep.tasks.lora.targets import resolve_targets
-from lora_prep.tasks.model.anatomy import matching, tied
+from lora_prep.tasks.lora.targets import matching_names, resolve_targets
+from lora_prep.tasks.model.anatomy import tied
 from lora_prep.tasks.records.plan import TargetPlan
 from lora_prep.tasks.settings import LoraSettings
 
@@ -119,7 +119,7 @@ def wrap_lora(
             f"the planned LoRA targets {missing[:3]} are not modules of the loaded {type(model).__name__}: "
             "the weights do not match the config the plan read; plan again."
         )
-    saved = matching(model, lora.modules_to_save or [])
+    saved = matching_names([n for n, _ in model.named_modules() if n], lora.modules_to_save or [])
     tied_saved = tied(model, saved)
     embedding_targeted = any(isinstance(modules[t], torch.nn.Embedding) for t in targets.target_modules)
     save_embeddings = embeddings_resized or embedding_targeted

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from lora_prep.tasks.errors import BadRepo
@@ -82,10 +83,6 @@ def routers(model: Any) -> list[str]:
     return out
 
 
-def under(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def all_linear(model: Any) -> list[str]:
     """PEFT's own all-linear resolution (linear + Conv1D, output head removed), in model order."""
     from peft import LoraConfig
@@ -126,15 +123,49 @@ def peft_refusal(model: Any, leaf: str) -> str | None:
     return None
 
 
-def search(pattern: str, name: str) -> bool:
-    try:
-        return re.match(pattern, name) is not None
-    except re.error:  # PEFT treats these entries as regexes; a broken one matches nothing
-        return False
+@dataclass(frozen=True)
+class Anatomy:
+    """What LoRA targeting reads off a model, read in one pass over its modules (names and shapes only).
+
+    Target resolution works on this record alone, so the model is walked here once rather than
+    asked again for each rule.
+    """
+
+    model_class: str
+    modules: list[str]  # every named module but the root, in model order
+    wrappable: list[str]  # modules PEFT's LoRA dispatchers accept
+    all_linear: list[str]  # PEFT's all-linear resolution
+    experts: list[str]  # fused expert parameters
+    routers: list[str]  # modules that pick the experts
+    matrices: list[str]  # parameters of 2 or more dimensions held directly by a module
+    block_kinds: dict[str, str | None]  # each all-linear module: 'attention', 'mlp' or None
+    peft_refusals: dict[str, str]  # leaf name -> why PEFT refuses LoRA on it for this architecture
+    conv1d: frozenset[str]  # GPT-2 style Conv1D modules (their weights are stored transposed)
+    tied: frozenset[str]  # modules whose weight is shared with another module
 
 
-def matching(model: Any, entries: list[str]) -> list[str]:
-    return [n for n, _ in model.named_modules() if n and any(search(rf"(^|.*\.){e}$", n) for e in entries)]
+def read_anatomy(model: Any) -> Anatomy:
+    """The model's ``Anatomy``: one pass over its modules, PEFT's own all-linear and per-name rules."""
+    from transformers.pytorch_utils import Conv1D
+
+    named = [(name, module) for name, module in model.named_modules() if name]
+    candidates = wrappable(model)
+    linear = all_linear(model)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    refusals = {leaf: why for leaf in leaves if (why := peft_refusal(model, leaf))}
+    return Anatomy(
+        model_class=type(model).__name__,
+        modules=[name for name, _ in named],
+        wrappable=candidates,
+        all_linear=linear,
+        experts=expert_parameters(model),
+        routers=routers(model),
+        matrices=[f"{n}.{p}" for n, m in named for p, t in m.named_parameters(recurse=False) if t.ndim >= 2],
+        block_kinds={name: block_kind(model, name) for name in linear},
+        peft_refusals=refusals,
+        conv1d=frozenset(name for name, module in named if isinstance(module, Conv1D)),
+        tied=frozenset(tied(model, [name for name, _ in named])),
+    )
 
 
 def tied(model: Any, names: list[str]) -> list[str]:
