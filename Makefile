@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench.py --runs $(or $(N),3)
+	$(BIN)/python bench/bench.py --runs $(or $(N),3) $(if $(SIZES),--sizes $(SIZES))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,39 +1,38 @@
-"""`make bench`: whole `lora-prep prepare` processes against the bare ten-line script, on a 0.85 B model.
+"""`make bench`: whole `lora-prep prepare` processes against the bare ten-line script, across model sizes.
 
-    .venv/bin/python bench/bench.py [--runs 3] [--no-profile] [--skip SCENARIO,...]
+    .venv/bin/python bench/bench.py [--sizes 0.2b-f32,0.85b,0.85b-128k,3.4b] [--runs 3] [--no-profile] [--skip PART,...]
 
 What it does (every figure is a whole fresh process, measured from outside):
 
-1. Builds once, cached under bench/.cache/models/ (tests.model_factory.build_big_model_dir):
-     llama-0.85b      hidden 2048, 18 layers, intermediate 5632, vocab 8192, untied head: 845,228,032
-                      parameters, bfloat16 safetensors in 100 MB shards (1.69 GB)
-     llama-0.2b-f32   hidden 1024, 16 layers, intermediate 2816: 197,166,080 parameters, the factory's
-                      bfloat16 weights re-saved as float32 (0.79 GB), for the float32 memory figure
-   and serves them from the Hub-compatible test server (tests.hubserver) on 127.0.0.1
-   (HF_ENDPOINT pointing at it, HF_HUB_DISABLE_XET=1).
-2. Launches one `prefect server start` (tests.servers.start_prefect_server) for the scenarios
-   "with a running server", initialises the two SQLite MLflow stores (one per side, as on a
-   user's machine), and runs one untimed warm-up of each side that also fills the warm HF cache.
-3. Runs, alternately (bare, lora-prep, then lora-prep, bare, ...), --runs times per scenario:
+1. Builds each size once, cached under bench/.cache/models/ (tests.model_factory.build_big_model_dir; SIZES below):
+     0.2b-f32     hidden 1024, 16 layers, vocab 8 k, float32, 100 MB shards
+     0.85b        hidden 2048, 18 layers, vocab 8 k, bfloat16, 100 MB shards
+     0.85b-128k   hidden 2048, 7 layers, vocab 128,256, bfloat16, one file
+     3.4b         hidden 3072, 32 layers, vocab 32 k, bfloat16, one file
+     7b           hidden 4096, 32 layers, intermediate 11008, 32 KV heads, vocab 32 k, bfloat16 (14 GB; `make bench SIZES=7b`)
+     smoke        hidden 256, 2 layers: the benchmark itself in minutes
+   plus two 512-wide k-bit models (mixture of experts, hybrid), and serves them all from the Hub-compatible
+   test server (tests.hubserver) on 127.0.0.1 (HF_ENDPOINT pointing at it, HF_HUB_DISABLE_XET=1).
+2. Launches one `prefect server start` for the scenarios "with a running server", initialises the two SQLite
+   MLflow stores (one per side), and per size runs untimed warm-ups that fill that size's warm HF cache.
+3. Per size, alternately (bare, lora-prep, then lora-prep, bare, ...), --runs times per scenario:
      cold-api       fresh HF cache per run, PREFECT_API_URL = the running server
-     warm-api       warm HF cache, the running server; plus `--no-check` (cost of the check)
-     warm-embedded  warm HF cache, PREFECT_API_URL unset: lora-prep's shared local server in a new
-                    PREFECT_HOME; its first run (server start, new database) is reported apart, and so
-                    is one run after `lora-prep server stop` (restart on the existing database)
-     mem-0.2b-f32   the float32 model, warm cache, the running server, both sides load float32
-   bare = bench/bare_script.py; lora-prep = `lora-prep prepare <repo> --dtype D --r 16
-   --tracking-uri sqlite:///... --output-dir ... --json` (target modules: all-linear, the default).
-4. Per run: wall seconds (spawn to reap), CPU seconds (rusage of the process and what it waited
-   for), peak RSS of the process tree (psutil tree, /proc/<pid>/status every 50 ms, summed) with its
-   anonymous (RssAnon) and file-backed (RssFile) parts, the largest single process (sampled, and the
-   kernel's ru_maxrss high-water mark), body bytes and requests served by the hub, and for
-   lora-prep the JSON's per-stage seconds, bytes_downloaded and the manifest's check seconds.
-5. Profiles one warm lora-prep run (running server) with pyinstrument when it is installed
-   (`.venv/bin/pip install pyinstrument`): bench/profile-warm.txt, and a summary in the results.
-6. Prints and writes bench/results.md: ratios lora-prep / bare of the medians first, then medians
-   and min-max; raw figures in bench/.cache/results.json.
+     warm-api       warm HF cache, the running server; plus `--no-check` (the check's cost)
+     warm-embedded  warm HF cache, PREFECT_API_URL unset: lora-prep's shared local server; on the first size
+                    its first run (new database) and one run after `lora-prep server stop` are reported apart
+4. Then: kbit (one `--quantization 4bit` and one `8bit` prepare of each dense size up to 0.85 B and of the
+   two wide models: the plan's estimate against the loaded tensors) and plan (`lora-prep plan` of the smoke
+   model against `python -c "import torch, transformers"` and `import prefect`, plus a pyinstrument profile).
+5. Per run: wall and CPU seconds, peak RSS of the process tree (psutil, /proc/<pid>/status every 50 ms)
+   with its anonymous and file-backed parts, ru_maxrss, hub bytes and requests, and from lora-prep's JSON and
+   manifest: per-stage seconds, the plan's estimate_bytes and memory classes, load_used.memory_bytes, the
+   check's layers, head rows and seconds.
+6. Profiles one warm run of the largest size with pyinstrument when it is installed (bench/profile-warm.txt).
+7. Writes bench/results.md (ratios of the medians, lora-prep − bare, estimate against held, the check against
+   one layer, the k-bit table, stage seconds, targets met or missed); raw figures in bench/.cache/results.json.
 
-Needs ~8 GB of disk under bench/.cache and 10-20 minutes on 2 cores with --runs 3.
+Disk: each size's weights live three times while it runs (models/, the hub store, one HF cache): ~21 GB at 3.4 B.
+The default sweep takes about an hour on 2 cores with --runs 3.
 """
 
 from __future__ import annotations
@@ -71,40 +70,71 @@ RETRIES = 2  # a run that saw more than QUIET_CORES of other load is run again, 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
+    size: str
     hidden: int
     layers: int
     dtype: str  # stored on disk, and loaded in, by both sides
+    vocab: int = 8192
+    intermediate: int | None = None  # None: the factory's 2.75 x hidden
+    shard: str = "100MB"  # save_pretrained's max_shard_size: "50GB" writes one file
+    kv_heads: int | None = None  # None: heads / 4 (grouped-query attention)
+    arch: str = "llama"  # not llama: tests.model_factory's wide variant of that architecture (the k-bit table)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-{self.size}"
 
     @property
     def repo_id(self) -> str:
         return f"bench/{self.name}"
 
 
-BIG = ModelSpec("llama-0.85b", hidden=2048, layers=18, dtype="bfloat16")
-SMALL = ModelSpec("llama-0.2b-f32", hidden=1024, layers=16, dtype="float32")
+# The sweep: `--sizes` picks from these (DEFAULT_SIZES unless told); `make bench SIZES=7b` adds the 14 GB one.
+SIZES = {
+    "smoke": ModelSpec("smoke", hidden=256, layers=2, dtype="bfloat16"),  # seconds: for trying the benchmark itself
+    "0.2b-f32": ModelSpec("0.2b-f32", hidden=1024, layers=16, dtype="float32"),
+    "0.85b": ModelSpec("0.85b", hidden=2048, layers=18, dtype="bfloat16"),
+    "0.85b-128k": ModelSpec("0.85b-128k", hidden=2048, layers=7, dtype="bfloat16", vocab=128256, shard="50GB"),
+    "3.4b": ModelSpec("3.4b", hidden=3072, layers=32, dtype="bfloat16", vocab=32000, shard="50GB"),
+    "7b": ModelSpec("7b", hidden=4096, layers=32, dtype="bfloat16", vocab=32000, intermediate=11008, shard="50GB", kv_heads=32),
+}
+DEFAULT_SIZES = "0.2b-f32,0.85b,0.85b-128k,3.4b"
+PLAN_MODEL = SIZES["smoke"]  # `lora-prep plan` is timed on a small model (its time does not depend on the size)
+KBIT_SIZES = ("smoke", "0.2b-f32", "0.85b")  # the dense sizes of the sweep the k-bit table quantizes (CPU quantization is slow)
+# The k-bit table's mixture-of-experts and hybrid models: tests.model_factory's wide variants (4/8-bit kernels want
+# layers at least one 64-weight block wide).
+KBIT_WIDTH = 512
+KBIT_WIDE = {kind: ModelSpec(f"w{KBIT_WIDTH}", hidden=KBIT_WIDTH, layers=2, dtype="bfloat16", arch=arch)
+             for kind, arch in (("mixture of experts", "qwen3_moe"), ("hybrid (Mamba + attention + experts)", "jamba"))}
 
 # The issue's targets: lora-prep / bare of the medians.
 TARGETS = {"cold-api": 1.0, "warm-api": 1.1, "warm-embedded": 1.3}
-RSS_TARGET = 1.1
+ESTIMATE_TOLERANCE = 0.10
+PLAN_TARGET_S = 3.0
+
+
+def rss_target(spec: ModelSpec) -> float:
+    return 1.05 if spec.hidden >= 3072 else 1.1
 
 
 # --- models -----------------------------------------------------------------------------------
 
 _BUILD = r"""
-import shutil, sys, torch
+import json, shutil, sys, torch
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from tests.model_factory import build_big_model_dir
-out, hidden, layers, dtype = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-if dtype == "bfloat16":
-    build_big_model_dir(out, hidden=hidden, layers=layers, seed=0)
+from tests.model_factory import build_big_model_dir, build_wide_model_dir
+out, kind, kw = Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+if kind.startswith("wide:"):
+    build_wide_model_dir(kind.removeprefix("wide:"), out, **kw)
+elif kind == "bfloat16":
+    build_big_model_dir(out, **kw)
 else:  # the factory writes bfloat16: load those weights in float32 and save them again, same shard size
     from transformers import AutoModelForCausalLM
     tmp = out.with_name(out.name + ".bf16")
-    build_big_model_dir(tmp, hidden=hidden, layers=layers, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, dtype))
-    model.save_pretrained(str(out), max_shard_size="100MB")
+    build_big_model_dir(tmp, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, kind))
+    model.save_pretrained(str(out), max_shard_size=kw["max_shard_size"])
     for f in tmp.iterdir():
         if not f.name.startswith("model") and not (out / f.name).exists():
             shutil.copy(f, out / f.name)
@@ -112,19 +142,35 @@ else:  # the factory writes bfloat16: load those weights in float32 and save the
 """
 
 
-def ensure_model(spec: ModelSpec) -> Path:
-    out = CACHE / "models" / spec.name
+def _build(name: str, kind: str, kwargs: dict) -> Path:
+    out = CACHE / "models" / name
     if (out / ".complete").exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".bf16"), ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building {spec.name} (once; cached in {out.relative_to(ROOT)}) ...", flush=True)
+    print(f"building {name} (once; cached in {out.relative_to(ROOT)}) ...", flush=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _BUILD, str(ROOT), str(out), str(spec.hidden), str(spec.layers), spec.dtype], check=True)
+    subprocess.run([sys.executable, "-c", _BUILD, str(ROOT), str(out), kind, json.dumps(kwargs)], check=True)
     (out / ".complete").write_text("")
     print(f"  built in {time.perf_counter() - started:.1f} s", flush=True)
     return out
+
+
+def ensure_model(spec: ModelSpec) -> Path:
+    if spec.arch != "llama":
+        return _build(spec.name, f"wide:{spec.arch}", dict(width=spec.hidden, seed=0, dtype=spec.dtype))
+    kwargs = dict(hidden=spec.hidden, layers=spec.layers, seed=0, vocab=spec.vocab, intermediate=spec.intermediate,
+                  max_shard_size=spec.shard, kv_heads=spec.kv_heads)
+    return _build(spec.name, spec.dtype, kwargs)
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
 
 
 def model_facts(model_dir: Path) -> dict:
@@ -139,9 +185,25 @@ def model_facts(model_dir: Path) -> dict:
         "params": sum(counts.values()), "dtypes": counts,
         "weight_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
         "shards": len(list(model_dir.glob("*.safetensors"))),
+        **_layer_facts(model_dir, cfg),
         "config": {k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                                            "num_key_value_heads", "vocab_size", "tie_word_embeddings")},
     }
+
+
+def _layer_facts(model_dir: Path, cfg: dict) -> dict:
+    """Bytes of one decoder layer, of the output head and of the check's 64-row head slice, from the headers."""
+    layer = head = 0
+    width = 2
+    for f in sorted(model_dir.glob("*.safetensors")):
+        for name, entry in _safetensors_header(f).items():
+            size = entry["data_offsets"][1] - entry["data_offsets"][0]
+            if ".layers.0." in name:
+                layer += size
+            elif name == "lm_head.weight":
+                head = size
+                width = size // max(1, entry["shape"][0] * entry["shape"][1])
+    return {"layer_bytes": layer, "head_bytes": head, "head_slice_bytes": 64 * (cfg.get("hidden_size") or 0) * width}
 
 
 # --- measuring one process tree --------------------------------------------------------------
@@ -230,6 +292,15 @@ class Run:
     other_load: float = 0.0  # cores used by other processes during the run
     waited_s: float = 0.0  # waited for a quiet machine before it
     error: str = ""
+    size: str = ""  # the model (ModelSpec.name)
+    # from the manifest of a lora-prep run
+    estimate_bytes: int | None = None  # load_plan.estimate_bytes (includes the adapter)
+    estimate_parts: dict[str, int] = field(default_factory=dict)
+    memory_bytes: int | None = None  # load_used.memory_bytes: the loaded model's tensors, each once (before LoRA)
+    trainable: int | None = None
+    check_layers: str = ""
+    head_rows: int | None = None
+    quantization: str = ""
 
 
 def busy_cpu_s() -> float:
@@ -383,14 +454,22 @@ class Bench:
                 run.bytes_downloaded = result.get("bytes_downloaded")
                 try:
                     manifest = json.loads((Path(result["artifact_dir"]) / "manifest.json").read_text())
-                    run.check_s = (manifest.get("check") or {}).get("seconds")
-                    run.load_s = (manifest.get("load_used") or {}).get("seconds")
+                    check, used, plan = manifest.get("check") or {}, manifest.get("load_used") or {}, manifest.get("load_plan") or {}
+                    run.check_s, run.load_s = check.get("seconds"), used.get("seconds")
+                    run.check_layers = f"{check.get('layers')}/{check.get('layers_total')}"
+                    run.head_rows = check.get("head_rows")
+                    run.estimate_bytes = plan.get("estimate_bytes")
+                    run.estimate_parts = {part["name"]: part["bytes"] for part in plan.get("memory") or []}
+                    run.memory_bytes = used.get("memory_bytes")
+                    run.quantization = used.get("quantization") or ""
+                    run.trainable = (manifest.get("parameters") or {}).get("trainable")
                 except (OSError, ValueError, KeyError):
                     pass
         shutil.rmtree(out, ignore_errors=True)
+        run.size = spec.name
         if record:
             self.results.append(run)
-        print(f"  {scenario:<22} {side:<18} #{index}  {wall:7.2f} s  tree {s.peak_tree / MiB:6.0f} MiB "
+        print(f"  {spec.size:<11} {scenario:<17} {side:<18} #{index}  {wall:7.2f} s  tree {s.peak_tree / MiB:6.0f} MiB "
               f"(anon {s.peak_anon / MiB:5.0f}, file {s.peak_file / MiB:5.0f})  {run.body_bytes / 1e6:8.1f} MB  "
               f"other load {other:.2f} cores  rc {rc}", flush=True)
         return run
@@ -412,16 +491,16 @@ class Bench:
 
     # setup
 
-    def setup(self, big_dir: Path, small_dir: Path) -> None:
+    def setup(self, specs: list[ModelSpec], dirs: dict[str, Path]) -> None:
         from tests.hubserver import HubServer, publish
         from tests.servers import start_prefect_server
 
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         self.hub = HubServer(CACHE / "store").start()
-        for spec, d in ((BIG, big_dir), (SMALL, small_dir)):
-            publish(self.hub.store, spec.repo_id, d)  # a commit already in the store: hashes only, no copy
-        print(f"hub {self.hub.url} serving {BIG.repo_id}, {SMALL.repo_id}", flush=True)
+        for spec in specs:
+            publish(self.hub.store, spec.repo_id, dirs[spec.name])  # a commit already in the store: hashes only, no copy
+        print(f"hub {self.hub.url} serving {', '.join(s.repo_id for s in specs)}", flush=True)
         started = time.perf_counter()
         self.api = start_prefect_server(self.work / "prefect-server")
         print(f"prefect server {self.api.url} healthy after {time.perf_counter() - started:.1f} s", flush=True)
@@ -436,54 +515,85 @@ class Bench:
 
     # scenarios
 
-    def run_all(self, skip: set[str], profile: bool) -> None:
+    def run_all(self, sizes: list[ModelSpec], kbit: list[ModelSpec], skip: set[str], profile: bool) -> None:
         w = self.work
-        warm = {BIG: w / "hf-warm", SMALL: w / "hf-warm"}
         ph_warm = w / "prefect-home-warm-api"
-        print("warm-up (untimed): fills the warm HF cache, the page cache and both stores", flush=True)
-        for spec in (BIG, SMALL):
-            self.one("warm-up", "bare", 0, spec, self.env(ph_warm, warm[spec], True), record=False)
-            self.one("warm-up", "lora-prep", 0, spec, self.env(ph_warm, warm[spec], True), record=False)
-            self.one("warm-up", "lora-prep", 1, spec, self.env(ph_warm, warm[spec], True), record=False)
+        ph_embedded = w / "prefect-home-embedded"
+        largest = max(sizes, key=lambda s: s.hidden * s.layers)
+        for n, spec in enumerate(sizes):
+            warm = w / f"hf-warm-{spec.size}"
+            print(f"== {spec.repo_id}: warm-up (untimed): fills the warm HF cache, the page cache and both stores", flush=True)
+            self.one("warm-up", "bare", 0, spec, self.env(ph_warm, warm, True), record=False)
+            self.one("warm-up", "lora-prep", 0, spec, self.env(ph_warm, warm, True), record=False)
+            self.one("warm-up", "lora-prep", 1, spec, self.env(ph_warm, warm, True), record=False)
 
-        if "cold-api" not in skip:
-            print("cold-api: fresh HF cache per run, running Prefect server", flush=True)
-            ph = w / "prefect-home-cold-api"
+            if "cold-api" not in skip:
+                print("cold-api: fresh HF cache per run, running Prefect server", flush=True)
+                ph = w / "prefect-home-cold-api"
 
-            def cold_env(i: int, _ph=ph) -> dict[str, str]:
-                cache = w / "hf-cold"
-                shutil.rmtree(cache, ignore_errors=True)  # every run starts from an empty cache
-                return self.env(_ph, cache, True)
+                def cold_env(i: int, _ph: Path = ph) -> dict[str, str]:
+                    cache = w / "hf-cold"
+                    shutil.rmtree(cache, ignore_errors=True)  # every run starts from an empty cache
+                    return self.env(_ph, cache, True)
 
-            self.alternate("cold-api", BIG, cold_env, [("bare", ()), ("lora-prep", ())])
-            shutil.rmtree(w / "hf-cold", ignore_errors=True)
+                self.alternate("cold-api", spec, cold_env, [("bare", ()), ("lora-prep", ())])
+                shutil.rmtree(w / "hf-cold", ignore_errors=True)
 
-        if "warm-api" not in skip:
-            print("warm-api: warm HF cache, running Prefect server", flush=True)
-            self.alternate("warm-api", BIG, lambda i: self.env(ph_warm, warm[BIG], True),
-                           [("bare", ()), ("lora-prep", ()), ("lora-prep --no-check", ("--no-check",))])
+            if "warm-api" not in skip:
+                print("warm-api: warm HF cache, running Prefect server", flush=True)
+                self.alternate("warm-api", spec, lambda i, _c=warm: self.env(ph_warm, _c, True),
+                               [("bare", ()), ("lora-prep", ()), ("lora-prep --no-check", ("--no-check",))])
 
-        if "warm-embedded" not in skip:
-            print("warm-embedded: warm HF cache, PREFECT_API_URL unset (lora-prep's shared local server)", flush=True)
-            ph = w / "prefect-home-embedded"
-            env = self.env(ph, warm[BIG], False)
-            self.one("embedded-first", "lora-prep", 0, BIG, env)  # starts the server: new database, migrations
-            self.alternate("warm-embedded", BIG, lambda i: env, [("bare", ()), ("lora-prep", ())])
-            self.idle_server(env)
-            self.server_stop(env)
-            self.one("embedded-restart", "lora-prep", 0, BIG, env)  # starts it again on the existing database
-            self.server_stop(env)
-            # the same bare figure for the two one-off runs: the warm-embedded bare runs
-            for r in [r for r in self.results if r.scenario == "warm-embedded" and r.side == "bare"]:
-                for one_off in ("embedded-first", "embedded-restart"):
-                    self.results.append(Run(**{**asdict(r), "scenario": one_off}))
+            if "warm-embedded" not in skip:
+                print("warm-embedded: warm HF cache, PREFECT_API_URL unset (lora-prep's shared local server)", flush=True)
+                env = self.env(ph_embedded, warm, False)
+                first = n == 0
+                # starts the server: on the first size a new database (migrations, reported), later the existing one
+                self.one("embedded-first", "lora-prep", 0, spec, env, record=first)
+                self.alternate("warm-embedded", spec, lambda i, _e=env: _e, [("bare", ()), ("lora-prep", ())])
+                if first:
+                    self.idle_server(env)
+                    self.server_stop(env)
+                    self.one("embedded-restart", "lora-prep", 0, spec, env)  # starts it again on the existing database
+                    # the same bare figure for the two one-off runs: the warm-embedded bare runs
+                    for r in [r for r in self.results if r.size == spec.name and r.scenario == "warm-embedded" and r.side == "bare"]:
+                        for one_off in ("embedded-first", "embedded-restart"):
+                            self.results.append(Run(**{**asdict(r), "scenario": one_off}))
+                self.server_stop(env)
 
-        if "mem-0.2b-f32" not in skip:
-            print("mem-0.2b-f32: float32 model, warm HF cache, running Prefect server", flush=True)
-            self.alternate("mem-0.2b-f32", SMALL, lambda i: self.env(ph_warm, warm[SMALL], True), [("bare", ()), ("lora-prep", ())])
+            if profile and spec == largest:
+                self.profile(spec, self.env(ph_warm, warm, True))
+            shutil.rmtree(warm, ignore_errors=True)  # disk: the next size's cache takes its place
 
-        if profile:
-            self.profile(self.env(ph_warm, warm[BIG], True))
+        if "kbit" not in skip:
+            self.kbit(kbit, self.env(ph_warm, w / "hf-kbit", True))
+        if "plan" not in skip:
+            self.plan_timing(self.env(ph_warm, w / "hf-kbit", True))
+
+    def kbit(self, specs: list[ModelSpec], env: dict[str, str]) -> None:
+        """One 4-bit and one 8-bit prepare per model (the memory figures do not vary between runs)."""
+        print("kbit: 4-bit and 8-bit prepares, the plan's estimate against the loaded model's tensors", flush=True)
+        for spec in specs:
+            for q in ("4bit", "8bit"):
+                self.one(f"kbit-{q}", "lora-prep", 0, spec, env, ("--quantization", q))
+
+    def plan_timing(self, env: dict[str, str]) -> None:
+        """`lora-prep plan` of a small model, alternating with the floor: a process that imports torch and transformers."""
+        print(f"plan: `lora-prep plan {PLAN_MODEL.repo_id}` against `python -c 'import torch, transformers'`", flush=True)
+        sides = {"lora-prep plan": [LORA_PREP, "plan", PLAN_MODEL.repo_id, "--json"],
+                 "import torch, transformers": [sys.executable, "-c", "import torch, transformers"],
+                 "import prefect": [sys.executable, "-c", "import prefect"]}
+        self.plan_walls: dict[str, list[float]] = {k: [] for k in sides}
+        for i in range(self.runs + 1):  # the first round warms the page cache, untimed
+            for side, cmd in (sides.items() if i % 2 else reversed(sides.items())):
+                wait_quiet()
+                got = measure(cmd, env, self.work / "logs" / f"plan-{i}-{side.split()[-1]}")
+                if got.rc != 0:
+                    self.problems.append(f"{side} exited {got.rc}; see {self.work / 'logs'}")
+                elif i:
+                    self.plan_walls[side].append(round(got.wall, 3))
+                print(f"  {side:<28} #{i} {got.wall:6.2f} s{'  (warm-up)' if not i else ''}", flush=True)
+        self.plan_profile = self._profile("plan", sides["lora-prep plan"], env)
 
     def server_pids(self, env: dict[str, str]) -> list[int]:
         """The running `prefect server start` (and its children), or the embedded local server of env's PREFECT_HOME."""
@@ -525,26 +635,32 @@ class Bench:
         if done.returncode != 0 or done.stdout.strip() != "stopped":
             self.problems.append(f"`lora-prep server stop` said {done.stdout.strip()!r} (exit {done.returncode}): {done.stderr.strip()[-300:]}")
 
-    def profile(self, env: dict[str, str]) -> None:
+    def profile(self, spec: ModelSpec, env: dict[str, str]) -> None:
+        out = self.work / "out" / "profile"
+        self.profile_summary = self._profile("warm", self.lora_prep_cmd(spec, out), env)
+        if self.profile_summary:
+            self.profile_summary["repo"] = spec.repo_id
+        shutil.rmtree(out, ignore_errors=True)
+
+    def _profile(self, name: str, cmd: list[str], env: dict[str, str]) -> dict | None:
+        """One run of cmd under pyinstrument: bench/profile-<name>.txt and its summary."""
         pyinstrument = BIN / "pyinstrument"
         if not pyinstrument.exists():
-            self.notes.append("profile skipped: pyinstrument is not installed (.venv/bin/pip install pyinstrument)")
+            self.notes.append(f"profile {name} skipped: pyinstrument is not installed (.venv/bin/pip install pyinstrument)")
             print("profile skipped: pyinstrument not installed", flush=True)
-            return
-        session_file = CACHE / "profile-warm.pyisession"
-        out = self.work / "out" / "profile"
-        cmd = [str(pyinstrument), "-r", "pyisession", "-o", str(session_file), *self.lora_prep_cmd(BIG, out)]
-        print("profile: one warm lora-prep run under pyinstrument (running server)", flush=True)
+            return None
+        session_file = CACHE / f"profile-{name}.pyisession"
+        print(f"profile {name}: {' '.join(cmd[:3])} ... under pyinstrument (running server)", flush=True)
         wait_quiet()
-        got = measure(cmd, env, self.work / "logs" / "profile", lambda: self.server_pids(env))
-        rc, wall = got.rc, got.wall
-        self.notes.append(f"profiled run: other processes used {got.other_load:.2f} cores meanwhile")
-        shutil.rmtree(out, ignore_errors=True)
-        if rc != 0:
-            self.problems.append(f"profiled run exited {rc}; see {self.work / 'logs' / 'profile.err'}")
-            return
-        self.profile_summary = summarise_profile(session_file, BENCH / "profile-warm.txt")
-        self.profile_summary["wall_s"] = round(wall, 2)
+        got = measure([str(pyinstrument), "-r", "pyisession", "-o", str(session_file), *cmd], env,
+                      self.work / "logs" / f"profile-{name}", lambda: self.server_pids(env))
+        self.notes.append(f"profiled {name} run: other processes used {got.other_load:.2f} cores meanwhile")
+        if got.rc != 0:
+            self.problems.append(f"profiled {name} run exited {got.rc}; see {self.work / 'logs' / f'profile-{name}.err'}")
+            return None
+        summary = summarise_profile(session_file, BENCH / f"profile-{name}.txt")
+        summary["wall_s"] = round(got.wall, 2)
+        return summary
 
     def stop(self) -> None:
         home = CACHE / "run" / "prefect-home-embedded"
@@ -561,8 +677,8 @@ class Bench:
 
 # Our stage bodies (functions the prepare flow calls as Prefect tasks), by function name.
 STAGE_FUNCTIONS = {
-    "resolve": "resolve", "probe_hardware": "probe", "plan_prepare": "plan", "open_run": "open MLflow run",
-    "download": "download", "download_snapshot": "download", "build_adapter_ready": "build", "_track": "track",
+    "resolve_model": "resolve", "probe_hardware": "probe", "plan_prepare": "plan", "open_preparation_run": "open MLflow run",
+    "download": "download", "download_snapshot": "download", "build_adapter_ready": "build", "track_artifact": "track",
     "publish_run_artifacts": "publish Prefect artifacts",
 }
 OURS = "lora_prep (ours)"
@@ -715,20 +831,33 @@ SCENARIO_TEXT = {
     "warm-embedded": "warm HF cache, embedded default (shared local server already up)",
     "embedded-first": "embedded default, first run: starts the local server on a new PREFECT_HOME (migrations)",
     "embedded-restart": "embedded default, first run after `lora-prep server stop` (existing database)",
-    "mem-0.2b-f32": "0.2 B float32 model, warm cache, running server (the float32 memory figure)",
 }
 
 
-def report(bench: Bench, facts: dict, started: float, argv: list[str]) -> str:
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f} GiB"
+
+
+def measured_bytes(r: Run) -> int | None:
+    """What the prepared model holds: the loaded model's tensors (load_used.memory_bytes: parameters, buffers and
+    quantization state, each once) plus the LoRA adapter's float32 A/B matrices (trainable parameters x 4)."""
+    if r.memory_bytes is None or r.trainable is None:
+        return None
+    return r.memory_bytes + 4 * r.trainable
+
+
+def report(bench: Bench, specs: list[ModelSpec], kbit: list[ModelSpec], facts: dict, started: float, argv: list[str]) -> str:
     runs = [r for r in bench.results if r.rc == 0]
 
-    def pick(scenario: str, side: str) -> list[Run]:
-        return [r for r in runs if r.scenario == scenario and r.side == side]
+    def pick(spec: ModelSpec, scenario: str, side: str) -> list[Run]:
+        return [r for r in runs if r.size == spec.name and r.scenario == scenario and r.side == side]
 
-    scenarios = [s for s in SCENARIO_TEXT if any(r.scenario == s for r in runs)]
+    def med(rs: list[Run], attr: str) -> float:
+        return _med([getattr(r, attr) for r in rs])
+
     m = machine()
     lines = [
-        "# lora-prep benchmark: whole processes against the bare script",
+        "# lora-prep benchmark: whole processes against the bare script, by model size",
         "",
         f"Generated by `make bench` (`{' '.join(['bench/bench.py', *argv])}`) on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{bench.runs} runs per side and scenario, alternating; whole benchmark {(time.perf_counter() - started) / 60:.1f} min.",
@@ -740,16 +869,19 @@ def report(bench: Bench, facts: dict, started: float, argv: list[str]) -> str:
         f"Machine: {m['cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['os']}, no GPU; Python {m['python']}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
         "",
+        "Models (generated once by tests.model_factory, cached under bench/.cache/models, served by the Hub-compatible test "
+        "server on 127.0.0.1):",
+        "",
+        "| size | parameters | hidden | layers | intermediate | heads / KV | vocab | safetensors | one decoder layer | output head | both sides load in |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for spec in (BIG, SMALL):
+    for spec in [*specs, *kbit]:
         f = facts[spec.name]
         c = f["config"]
         lines.append(
-            f"Model `{spec.repo_id}`: llama, {f['params']:,} parameters ({', '.join(f'{k} {v:,}' for k, v in f['dtypes'].items())}), "
-            f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, intermediate {c['intermediate_size']}, "
-            f"{c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, vocab {c['vocab_size']}, untied head; "
-            f"{f['weight_bytes'] / 1e9:.2f} GB of safetensors in {f['shards']} shards; both sides load it in {spec.dtype}."
-        )
+            f"| `{spec.repo_id}` | {f['params']:,} | {c['hidden_size']} | {c['num_hidden_layers']} | {c['intermediate_size']} | "
+            f"{c['num_attention_heads']} / {c['num_key_value_heads']} | {c['vocab_size']:,} | {f['weight_bytes'] / 1e9:.2f} GB in "
+            f"{f['shards']} file(s) | {f['layer_bytes'] / MiB:.0f} MiB | {f['head_bytes'] / MiB:.0f} MiB | {spec.dtype} |")
     lines += [
         "",
         "Bare side: [`bench/bare_script.py`](bare_script.py) (snapshot_download → from_pretrained → get_peft_model(r=16, "
@@ -757,89 +889,192 @@ def report(bench: Bench, facts: dict, started: float, argv: list[str]) -> str:
         "`lora-prep prepare <repo> --dtype <dtype> --r 16 --tracking-uri sqlite:///… --output-dir … --json` "
         "(all-linear is the default; the default forward/backward check runs unless `--no-check`).",
         "",
-        "## Ratios (lora-prep / bare, of the medians)",
+        "## What lora-prep adds, by size (medians)",
         "",
-        "| scenario | wall | target | peak RSS, tree | target | anon RSS | file RSS | largest process (ru_maxrss) | body bytes lora-prep / bare |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Ratios are lora-prep / bare of the medians; Δ is lora-prep − bare. RSS: the process tree's peak (sampled every "
+        f"{SAMPLE_S * 1000:.0f} ms from /proc/<pid>/status), split into anonymous (RssAnon) and file-backed (RssFile: "
+        "memory-mapped weight pages and shared libraries, clean page cache the kernel can drop).",
+        "",
+        "| size | scenario | bare s | lora-prep s | ratio | target | Δ s | bare RSS MiB | lora-prep RSS MiB | RSS ratio | target | Δ MiB | Δ anon MiB | Δ file MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ratios = {}
-    for s in scenarios:
-        bare = pick(s, "bare")
-        for side in ("lora-prep", "lora-prep --no-check"):
-            lp = pick(s, side)
-            if not lp or not bare:
-                continue
-            wall = _med([r.wall_s for r in lp]) / _med([r.wall_s for r in bare])
-            tree = _med([r.peak_tree_rss for r in lp]) / _med([r.peak_tree_rss for r in bare])
-            anon = _med([r.peak_tree_anon for r in lp]) / _med([r.peak_tree_anon for r in bare])
-            file = _med([r.peak_tree_file for r in lp]) / _med([r.peak_tree_file for r in bare])
-            hwm = _med([r.maxrss_hwm for r in lp]) / _med([r.maxrss_hwm for r in bare])
-            ratios[(s, side)] = dict(wall=wall, tree=tree)
-            t = TARGETS.get(s) if side == "lora-prep" else None
-            wall_target = f"≤ {t} {_ok(wall, t)}" if t else "-"
-            rss_target = f"≤ {RSS_TARGET} {_ok(tree, RSS_TARGET)}" if side == "lora-prep" and s in ("warm-api", "cold-api", "mem-0.2b-f32") else "-"
-            body = f"{_med([r.body_bytes for r in lp]) / 1e6:,.1f} MB / {_med([r.body_bytes for r in bare]) / 1e6:,.1f} MB"
-            name = s if side == "lora-prep" else f"{s}, `--no-check`"
-            lines.append(f"| {name} | **{wall:.2f}×** | {wall_target} | **{tree:.2f}×** | {rss_target} | {anon:.2f}× | {file:.2f}× | {hwm:.2f}× | {body} |")
-    warm_zero = [r for r in runs if r.side.startswith("lora-prep") and r.scenario.startswith(("warm", "embedded", "mem"))]
-    nonzero = [r for r in warm_zero if r.file_bytes]
-    lines += [
-        "",
-        f"Warm runs, 0 body bytes: {'met' if not nonzero else '**missed**'} — {len(warm_zero) - len(nonzero)} of {len(warm_zero)} warm lora-prep runs "
-        f"received 0 bytes of file content (`/resolve/` GET bodies) from the hub (max {max((r.file_bytes for r in warm_zero), default=0):,} B). "
-        f"What they did receive is API JSON: {_span([r.body_bytes for r in warm_zero], ',.0f')} B in "
-        f"{_span([r.requests for r in warm_zero], '.0f')} requests per run (commit resolution: the revision `main` is asked for "
-        f"its sha each run); the bare script sends {_span([r.requests for r in runs if r.side == 'bare' and r.scenario.startswith('warm')], '.0f')} "
-        f"request(s), {_span([r.body_bytes for r in runs if r.side == 'bare' and r.scenario.startswith('warm')], ',.0f')} B.",
-        "",
-        _verification_line([r for r in warm_zero if r.stages]),
-        "",
-        "Peak RSS is the sum over the process tree (the process and its descendants while they live), sampled every "
-        f"{SAMPLE_S * 1000:.0f} ms from /proc/<pid>/status; anon = RssAnon, file = RssFile (memory-mapped safetensors pages "
-        "that were read); ru_maxrss is the kernel's exact high-water mark of the largest single process. "
-        "The RSS targets are checked on the scenarios with a running server, where the tree is the CLI process alone; "
-        "in the embedded first run the freshly started local server is the CLI's child while the CLI lives and is counted.",
-    ]
-    lp_warm, bare_warm = pick("warm-api", "lora-prep"), pick("warm-api", "bare")
-    if lp_warm and bare_warm:
-        w = facts[BIG.name]["weight_bytes"] / MiB
-        lp_file, bare_file = _med(_mib([r.peak_tree_file for r in lp_warm])), _med(_mib([r.peak_tree_file for r in bare_warm]))
-        nc = pick("warm-api", "lora-prep --no-check")
-        nc_file = _med(_mib([r.peak_tree_file for r in nc])) if nc else float("nan")
-        lp_anon, bare_anon = _med(_mib([r.peak_tree_anon for r in lp_warm])), _med(_mib([r.peak_tree_anon for r in bare_warm]))
-        lines += ["", f"Where the RSS difference is (warm-api, medians): anonymous {lp_anon:.0f} vs {bare_anon:.0f} MiB "
-                  f"(+{lp_anon - bare_anon:.0f} MiB: what lora-prep imports and holds besides the model: Prefect, its client, "
-                  f"pydantic models, the LoRA wrapping, the check's activations); file-backed {lp_file:.0f} vs {bare_file:.0f} MiB "
-                  f"(+{lp_file - bare_file:.0f} MiB, {(lp_file - bare_file) / w:.0%} of the {w:.0f} MiB of weights; "
-                  f"{nc_file:.0f} MiB with `--no-check`). File-backed pages are weight pages read through the memory map "
-                  "(loading safetensors into the dtype they are stored in, on CPU, keeps the tensors memory-mapped, and the "
-                  "bare script never reads most of them) and shared libraries: clean page cache the kernel can drop under "
-                  "pressure, unlike the anonymous part."]
-    lines += [
-        "",
-        "## Absolute figures: median (min–max)",
-        "",
-        "| scenario | side | wall s | CPU s | Prefect server CPU s | peak RSS tree MiB | anon MiB | file MiB | ru_maxrss MiB | procs | hub body MB | hub requests | other load, cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in scenarios:
-        for side in ("bare", "lora-prep", "lora-prep --no-check"):
-            rs = pick(s, side)
-            if not rs:
-                continue
-            lines.append(
-                f"| {s} | {side} | {_span([r.wall_s for r in rs], '.2f')} | {_span([r.cpu_s for r in rs], '.1f')} | "
-                f"{_span([r.server_cpu_s for r in rs], '.1f') if side != 'bare' else '-'} | "
-                f"{_span(_mib([r.peak_tree_rss for r in rs]), '.0f')} | {_span(_mib([r.peak_tree_anon for r in rs]), '.0f')} | "
-                f"{_span(_mib([r.peak_tree_file for r in rs]), '.0f')} | {_span(_mib([r.maxrss_hwm for r in rs]), '.0f')} | "
-                f"{max(r.max_procs for r in rs)} | {_span([r.body_bytes / 1e6 for r in rs], ',.1f')} | {_span([r.requests for r in rs], '.0f')} | "
-                f"{max(r.other_load for r in rs):.2f} |"
-            )
-    lines += ["", "The embedded one-off rows are single runs compared with the warm-embedded bare runs. CPU s: the process "
-              "and the children it waited for (the embedded server is detached, so its CPU is in the Prefect server column). "
-              "Other load: the most any run of the row saw other processes use (cores), from /proc/stat less this "
-              f"tree, the driver (which also serves the hub) and the Prefect server; each run waited for under {QUIET_CORES} "
-              f"cores of other load first (at most {QUIET_MAX_WAIT_S} s) and was repeated (at most {RETRIES} times) when it saw more.", ""]
+    verdicts: list[str] = []
+    for spec in specs:
+        for s in SCENARIO_TEXT:
+            bare = pick(spec, s, "bare")
+            for side in ("lora-prep", "lora-prep --no-check"):
+                lp = pick(spec, s, side)
+                if not lp or not bare:
+                    continue
+                wall = med(lp, "wall_s") / med(bare, "wall_s")
+                tree = med(lp, "peak_tree_rss") / med(bare, "peak_tree_rss")
+                t = TARGETS.get(s) if side == "lora-prep" else None
+                rt = rss_target(spec) if side == "lora-prep" and s in ("warm-api", "cold-api") else None
+                wall_target = f"≤ {t} {_ok(wall, t)}" if t else "-"
+                rss_t = f"≤ {rt} {_ok(tree, rt)}" if rt else "-"
+                if t:
+                    verdicts.append(f"{spec.size} {s} wall {wall:.2f}× (≤ {t}): {_ok(wall, t)}")
+                if rt:
+                    verdicts.append(f"{spec.size} {s} RSS {tree:.2f}× (≤ {rt}): {_ok(tree, rt)}")
+                name = s if side == "lora-prep" else f"{s}, `--no-check`"
+                lines.append(
+                    f"| {spec.size} | {name} | {med(bare, 'wall_s'):.2f} | {med(lp, 'wall_s'):.2f} | **{wall:.2f}×** | {wall_target} | "
+                    f"{med(lp, 'wall_s') - med(bare, 'wall_s'):+.2f} | {med(bare, 'peak_tree_rss') / MiB:.0f} | "
+                    f"{med(lp, 'peak_tree_rss') / MiB:.0f} | **{tree:.2f}×** | {rss_t} | "
+                    f"{(med(lp, 'peak_tree_rss') - med(bare, 'peak_tree_rss')) / MiB:+.0f} | "
+                    f"{(med(lp, 'peak_tree_anon') - med(bare, 'peak_tree_anon')) / MiB:+.0f} | "
+                    f"{(med(lp, 'peak_tree_file') - med(bare, 'peak_tree_file')) / MiB:+.0f} |")
+    lines += ["", "Embedded one-off rows (embedded-first, embedded-restart) are single runs against the warm-embedded bare runs. "
+              "The RSS targets are checked where the tree is the CLI process alone (a running server); in the embedded first run "
+              "the freshly started local server is the CLI's child while the CLI lives and is counted.", ""]
+
+    # the plan's estimate against what the model holds
+    lines += ["## The plan's memory estimate against what the prepared model holds", "",
+              "Estimate: `load_plan.estimate_bytes` from the manifest (the skeleton's census: weights in their dtype or quantized, "
+              "quantization state, buffers and the adapter). Held: `load_used.memory_bytes` (the loaded model's tensors, each "
+              "storage once: parameters, buffers, bitsandbytes' quantization state; on CPU a memory-mapped weight counts as "
+              "resident, i.e. the size once every weight has been read) plus the adapter's float32 A/B matrices (trainable "
+              f"parameters × 4 B). Target: within {ESTIMATE_TOLERANCE:.0%}.", "",
+              "| size | run | quantization | estimate | held | estimate / held | within 10 % |", "|---|---|---|---|---|---|---|"]
+    rows = [(spec, "warm-api", "lora-prep") for spec in specs] + [(spec, f"kbit-{q}", "lora-prep") for spec in kbit for q in ("4bit", "8bit")]
+    for spec, scenario, side in rows:
+        rs = [r for r in pick(spec, scenario, side) if r.estimate_bytes and measured_bytes(r)]
+        if not rs:
+            continue
+        r = rs[0]
+        held = measured_bytes(r)
+        ratio = r.estimate_bytes / held
+        ok = abs(ratio - 1) <= ESTIMATE_TOLERANCE
+        verdicts.append(f"{spec.size} {scenario} estimate {ratio:.3f}× of held: {'met' if ok else '**missed**'}")
+        lines.append(f"| {spec.size} | {scenario} | {r.quantization or 'none'} | {_gib(r.estimate_bytes)} | {_gib(held)} | "
+                     f"{ratio:.3f} | {'met' if ok else '**missed**'} |")
+    kb = [r for r in runs if r.scenario.startswith("kbit-") and r.estimate_parts]
+    if kb:
+        lines += ["", "The k-bit estimates by class (bytes, from `load_plan.memory`):", "",
+                  "| size | run | " + " | ".join(kb[0].estimate_parts) + " | wall s | peak RSS MiB |",
+                  "|---|---|" + "---|" * (len(kb[0].estimate_parts) + 2)]
+        for r in kb:
+            spec = next(s for s in kbit if s.name == r.size)
+            lines.append(f"| {spec.size} ({spec.arch}) | {r.scenario} | " + " | ".join(f"{r.estimate_parts.get(k, 0):,}" for k in kb[0].estimate_parts)
+                         + f" | {r.wall_s:.1f} | {r.peak_tree_rss / MiB:.0f} |")
+        lines += ["", "bitsandbytes quantizes `nn.Linear` only: a mixture-of-experts model's fused 3-D expert parameters "
+                  "stay in the compute dtype (`fused expert parameters`), and the plan counts them so."]
+
+    # the check
+    lines += ["", "## What the forward/backward check costs, by size", "",
+              "Δ = the warm-api lora-prep runs against the same runs with `--no-check` (medians). The check runs one "
+              "decoder layer of each kind and scores 64 rows of the output head; its budget is one decoder layer plus that "
+              "head slice plus 64 MiB for activations, autograd state and allocator slack at 8 tokens.", "",
+              "| size | check s (manifest) | Δ wall s | Δ peak RSS MiB | Δ anon MiB | Δ file MiB | one layer MiB | head slice MiB | layers run | head rows | within budget |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        lp, nc = pick(spec, "warm-api", "lora-prep"), pick(spec, "warm-api", "lora-prep --no-check")
+        if not lp or not nc:
+            continue
+        f = facts[spec.name]
+        d_rss = med(lp, "peak_tree_rss") - med(nc, "peak_tree_rss")
+        budget = f["layer_bytes"] + f["head_slice_bytes"] + 64 * MiB
+        ok = d_rss <= budget
+        verdicts.append(f"{spec.size} check Δ RSS {d_rss / MiB:+.0f} MiB (budget {budget / MiB:.0f}): {'met' if ok else '**missed**'}")
+        lines.append(
+            f"| {spec.size} | {_med([r.check_s for r in lp if r.check_s is not None]):.2f} | {med(lp, 'wall_s') - med(nc, 'wall_s'):+.2f} | "
+            f"{d_rss / MiB:+.0f} | {(med(lp, 'peak_tree_anon') - med(nc, 'peak_tree_anon')) / MiB:+.0f} | "
+            f"{(med(lp, 'peak_tree_file') - med(nc, 'peak_tree_file')) / MiB:+.0f} | {f['layer_bytes'] / MiB:.0f} | "
+            f"{f['head_slice_bytes'] / MiB:.2f} | {lp[0].check_layers} | {lp[0].head_rows} | {'met' if ok else '**missed**'} |")
+
+    # stages
+    lines += ["", "## Where lora-prep's time goes: per-stage seconds from `--json` (median)", "",
+              "`outside stages` = wall − sum of stages: interpreter start, imports not yet paid inside a stage, "
+              "finding or starting the Prefect API, the flow engine around the stages, process exit. `load` and `check` "
+              "come from the manifest (both are inside `build`).", ""]
+    stage_names: list[str] = []
+    for r in runs:
+        for k in r.stages:
+            if k not in stage_names:
+                stage_names.append(k)
+    lines.append("| size | scenario | " + " | ".join(stage_names) + " | (load) | (check) | outside stages | wall |")
+    lines.append("|---|---|" + "---|" * (len(stage_names) + 4))
+    for spec in specs:
+        for s in SCENARIO_TEXT:
+            for side in ("lora-prep", "lora-prep --no-check"):
+                rs = [r for r in pick(spec, s, side) if r.stages]
+                if not rs:
+                    continue
+                cells = [f"{_med([r.stages.get(k, 0.0) for r in rs]):.2f}" for k in stage_names]
+                load = f"{_med([r.load_s for r in rs if r.load_s is not None]):.2f}" if any(r.load_s is not None for r in rs) else "-"
+                check = f"{_med([r.check_s for r in rs if r.check_s is not None]):.2f}" if any(r.check_s is not None for r in rs) else "-"
+                outside = _med([r.wall_s - sum(r.stages.values()) for r in rs])
+                name = s if side == "lora-prep" else f"{s}, --no-check"
+                lines.append(f"| {spec.size} | {name} | " + " | ".join(cells) + f" | {load} | {check} | {outside:.2f} | {med(rs, 'wall_s'):.2f} |")
+
+    # bytes
+    warm_runs = [r for r in runs if r.side.startswith("lora-prep") and r.scenario.startswith(("warm", "embedded"))]
+    nonzero = [r for r in warm_runs if r.file_bytes]
+    lines += ["", "## Bytes", "",
+              f"Warm runs, 0 body bytes of file content: {'met' if not nonzero else '**missed**'} — {len(warm_runs) - len(nonzero)} of "
+              f"{len(warm_runs)} warm lora-prep runs received no `/resolve/` GET body from the hub (max "
+              f"{max((r.file_bytes for r in warm_runs), default=0):,} B); what they did receive is API JSON, "
+              f"{_span([r.body_bytes for r in warm_runs], ',.0f')} B in {_span([r.requests for r in warm_runs], '.0f')} requests.", "",
+              _verification_line([r for r in warm_runs if r.stages]), ""]
+    for spec in specs:
+        cold = pick(spec, "cold-api", "lora-prep")
+        if cold:
+            lines.append(f"- {spec.size} cold: lora-prep received {_span([r.file_bytes for r in cold], ',.0f')} B of file content "
+                         f"(bare {_span([r.file_bytes for r in pick(spec, 'cold-api', 'bare')], ',.0f')} B) for "
+                         f"{facts[spec.name]['weight_bytes']:,} B of weights; the difference is the safetensors headers read "
+                         "(Range requests) to plan before downloading.")
+
+    # plan
+    walls = getattr(bench, "plan_walls", None)
+    if walls:
+        plan_s = _med(walls["lora-prep plan"])
+        ok = plan_s < PLAN_TARGET_S
+        verdicts.append(f"`lora-prep plan` {plan_s:.2f} s (< {PLAN_TARGET_S:.0f} s): {'met' if ok else '**missed**'}")
+        lines += ["", "## `lora-prep plan` of a small model", "",
+                  f"`lora-prep plan {PLAN_MODEL.repo_id} --json` (resolve, probe, plan: headers only, no weights), alternating with "
+                  "the floor of any process that builds a transformers skeleton, and with Prefect's import alone:", "",
+                  "| process | wall s, median (min–max) |", "|---|---|"]
+        lines += [f"| {k} | {_span(v, '.2f')} |" for k, v in walls.items()]
+        lines += ["", f"Target < {PLAN_TARGET_S:.0f} s: {'met' if ok else '**missed**'} ({plan_s:.2f} s)."]
+        pp = getattr(bench, "plan_profile", None)
+        if pp:
+            lines += ["", f"Profile of one `lora-prep plan` (bench/profile-plan.txt), {pp['total_s']:.2f} s sampled:", "",
+                      "| bucket | seconds |", "|---|---|"]
+            lines += [f"| {k} | {v:.2f} |" for k, v in list(pp["buckets"].items())[:12]]
+
+    prof = getattr(bench, "profile_summary", None)
+    if prof:
+        lines += ["", "## Profile of one warm run of the largest size (pyinstrument, running server)", "",
+                  f"`pyinstrument` on `lora-prep prepare {prof.get('repo')} …` (warm cache, running server): {prof['wall_s']:.1f} s wall "
+                  f"under the profiler, {prof['total_s']:.1f} s sampled on the main thread. Full tree: `bench/profile-warm.txt`. "
+                  "Main-thread wall time by what it was doing:", "",
+                  "| group | seconds | share |", "|---|---|---|"]
+        for k, v in prof["groups"].items():
+            lines.append(f"| {k} | {v:.2f} | {v / prof['total_s']:.0%} |")
+        lines += ["", "| bucket | seconds |", "|---|---|"]
+        for k, v in list(prof["buckets"].items())[:18]:
+            lines.append(f"| {k} | {v:.2f} |")
+
+    lines += ["", "## Absolute figures: median (min–max)", "",
+              "| size | scenario | side | wall s | CPU s | Prefect server CPU s | peak RSS tree MiB | anon MiB | file MiB | ru_maxrss MiB | hub body MB | requests | other load, cores |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        for s in SCENARIO_TEXT:
+            for side in ("bare", "lora-prep", "lora-prep --no-check"):
+                rs = pick(spec, s, side)
+                if not rs:
+                    continue
+                lines.append(
+                    f"| {spec.size} | {s} | {side} | {_span([r.wall_s for r in rs], '.2f')} | {_span([r.cpu_s for r in rs], '.1f')} | "
+                    f"{_span([r.server_cpu_s for r in rs], '.1f') if side != 'bare' else '-'} | "
+                    f"{_span(_mib([r.peak_tree_rss for r in rs]), '.0f')} | {_span(_mib([r.peak_tree_anon for r in rs]), '.0f')} | "
+                    f"{_span(_mib([r.peak_tree_file for r in rs]), '.0f')} | {_span(_mib([r.maxrss_hwm for r in rs]), '.0f')} | "
+                    f"{_span([r.body_bytes / 1e6 for r in rs], ',.1f')} | {_span([r.requests for r in rs], '.0f')} | "
+                    f"{max(r.other_load for r in rs):.2f} |")
+    lines += ["", "CPU s: the process and the children it waited for (the embedded server is detached: its CPU is in the Prefect "
+              "server column). Other load: the most any run of the row saw other processes use, from /proc/stat less this tree, "
+              f"the driver (which also serves the hub) and the Prefect server; each run waited for under {QUIET_CORES} cores of "
+              f"other load first (at most {QUIET_MAX_WAIT_S} s) and was repeated (at most {RETRIES} times) when it saw more.", ""]
     if bench.retried:
         bench.notes.append(f"{bench.retried} run(s) were repeated because other processes used more than {QUIET_CORES} cores "
                            f"during them (at most {RETRIES} repeats per run; the one with the least other load is kept)")
@@ -847,51 +1082,9 @@ def report(bench: Bench, facts: dict, started: float, argv: list[str]) -> str:
     busy = [r for r in measured if r.other_load > QUIET_CORES]
     if busy:
         bench.notes.append(f"{len(busy)} of {len(measured)} runs shared the machine with other work (> {QUIET_CORES} cores of other load): "
-                           + ", ".join(f"{r.scenario} {r.side} #{r.index} ({r.other_load:.2f})" for r in busy)
+                           + ", ".join(f"{r.size} {r.scenario} {r.side} #{r.index} ({r.other_load:.2f})" for r in busy)
                            + "; their wall times are inflated")
-    lines += ["## Where lora-prep's time goes: per-stage seconds from `--json` (median)", "",
-              "`outside stages` = wall − sum of stages: interpreter start, imports not yet paid inside a stage, "
-              "finding or starting the Prefect API, the flow engine around the stages, process exit. `check` and `load` "
-              "come from the manifest (both are inside `build`).", ""]
-    stage_names: list[str] = []
-    for r in runs:
-        for k in r.stages:
-            if k not in stage_names:
-                stage_names.append(k)
-    lines.append("| scenario | side | " + " | ".join(stage_names) + " | (load) | (check) | outside stages | wall |")
-    lines.append("|---|---|" + "---|" * (len(stage_names) + 4))
-    for s in scenarios:
-        for side in ("lora-prep", "lora-prep --no-check"):
-            rs = [r for r in pick(s, side) if r.stages]
-            if not rs:
-                continue
-            cells = [f"{_med([r.stages.get(k, 0.0) for r in rs]):.2f}" for k in stage_names]
-            load = f"{_med([r.load_s for r in rs if r.load_s is not None]):.2f}" if any(r.load_s is not None for r in rs) else "-"
-            check = f"{_med([r.check_s for r in rs if r.check_s is not None]):.2f}" if any(r.check_s is not None for r in rs) else "-"
-            outside = _med([r.wall_s - sum(r.stages.values()) for r in rs])
-            lines.append(f"| {s} | {side} | " + " | ".join(cells) + f" | {load} | {check} | {outside:.2f} | {_med([r.wall_s for r in rs]):.2f} |")
-    cold = pick("cold-api", "lora-prep")
-    if cold:
-        lines += ["", f"Bytes: a cold lora-prep run reported bytes_downloaded {_span([r.bytes_downloaded or 0 for r in cold], ',.0f')}; "
-                  f"the hub served {_span([r.body_bytes for r in cold], ',.0f')} body bytes to it "
-                  f"({_span([r.file_bytes for r in cold], ',.0f')} of them file content) and "
-                  f"{_span([r.body_bytes for r in pick('cold-api', 'bare')], ',.0f')} to the bare script "
-                  f"({_span([r.file_bytes for r in pick('cold-api', 'bare')], ',.0f')} file content); the weights are "
-                  f"{facts[BIG.name]['weight_bytes']:,} B. lora-prep's extra file bytes are the safetensors headers it reads "
-                  "(Range requests) to plan before downloading."]
-    prof = getattr(bench, "profile_summary", None)
-    if prof:
-        lines += ["", "## Profile of one warm run (pyinstrument, running server)", "",
-                  f"`pyinstrument` on `lora-prep prepare {BIG.repo_id} …` (warm cache, running server): {prof['wall_s']:.1f} s wall "
-                  f"under the profiler, {prof['total_s']:.1f} s sampled on the main thread. Full tree: `bench/profile-warm.txt` "
-                  "(small, kept in git). Main-thread wall time by what it was doing (a wait on an import lock held by the CLI's "
-                  "background import thread counts as imports):", "",
-                  "| group | seconds | share |", "|---|---|---|"]
-        for k, v in prof["groups"].items():
-            lines.append(f"| {k} | {v:.2f} | {v / prof['total_s']:.0%} |")
-        lines += ["", "| bucket | seconds |", "|---|---|"]
-        for k, v in list(prof["buckets"].items())[:18]:
-            lines.append(f"| {k} | {v:.2f} |")
+    lines += ["## Targets", ""] + [f"- {v}" for v in verdicts]
     lines += ["", "## Notes", ""]
     lines += [f"- {n}" for n in bench.notes] or ["- none"]
     lines += ["", "## Problems", ""]
@@ -905,23 +1098,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per side and scenario (default 3)")
-    parser.add_argument("--no-profile", action="store_true", help="skip the pyinstrument profile")
-    parser.add_argument("--skip", default="", help="comma-separated scenarios to skip: cold-api,warm-api,warm-embedded,mem-0.2b-f32")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated, from {', '.join(SIZES)} (default %(default)s)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the pyinstrument profiles")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: cold-api,warm-api,warm-embedded,kbit,plan")
     parser.add_argument("--out", type=Path, default=BENCH / "results.md")
     parser.add_argument("--quiet-wait", type=float, default=QUIET_MAX_WAIT_S,
                         help=f"before each run, wait at most this many seconds for other load under {QUIET_CORES} cores (default %(default)s)")
     args = parser.parse_args(argv)
     QUIET_MAX_WAIT_S = args.quiet_wait
+    unknown = [s for s in args.sizes.split(",") if s and s not in SIZES]
+    if unknown:
+        parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
+    specs = [SIZES[s] for s in args.sizes.split(",") if s]
+    skip = {s for s in args.skip.split(",") if s}
+    kbit = [] if "kbit" in skip else [s for s in specs if s.size in KBIT_SIZES] + list(KBIT_WIDE.values())
     started = time.perf_counter()
-    big_dir, small_dir = ensure_model(BIG), ensure_model(SMALL)
-    facts = {BIG.name: model_facts(big_dir), SMALL.name: model_facts(small_dir)}
+    every = list(dict.fromkeys([*specs, *kbit, PLAN_MODEL]))
+    dirs = {spec.name: ensure_model(spec) for spec in every}
+    facts = {name: model_facts(d) for name, d in dirs.items()}
     for name, f in facts.items():
-        print(f"{name}: {f['params']:,} params, {f['weight_bytes'] / 1e9:.2f} GB in {f['shards']} shards", flush=True)
+        print(f"{name}: {f['params']:,} params, {f['weight_bytes'] / 1e9:.2f} GB in {f['shards']} file(s)", flush=True)
     bench = Bench(args.runs)
     bench.version_start = product_version()
     try:
-        bench.setup(big_dir, small_dir)
-        bench.run_all({s for s in args.skip.split(",") if s}, profile=not args.no_profile)
+        bench.setup(every, dirs)
+        bench.run_all(specs, kbit, skip, profile=not args.no_profile)
     finally:
         bench.stop()
     bench.version_end = product_version()
@@ -931,9 +1132,10 @@ def main(argv: list[str] | None = None) -> int:
                               "the figures mix versions; run it again")
     (CACHE / "results.json").write_text(json.dumps({"facts": facts, "runs": [asdict(r) for r in bench.results],
                                                      "profile": getattr(bench, "profile_summary", None),
+                                                     "plan": getattr(bench, "plan_walls", None),
                                                      "version": [bench.version_start, bench.version_end],
                                                      "problems": bench.problems}, indent=1))
-    text = report(bench, facts, started, argv)
+    text = report(bench, specs, kbit, facts, started, argv)
     args.out.write_text(text)
     print()
     print(text)

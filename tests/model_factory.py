@@ -534,6 +534,7 @@ def build_big_model_dir(
     vocab: int = 8192,
     intermediate: int | None = None,
     max_shard_size: str = "100MB",
+    kv_heads: int | None = None,
 ) -> Path:
     """A llama for benchmarks: defaults give ~115 M params, ~230 MB in bfloat16 (not used by tests).
 
@@ -551,7 +552,7 @@ def build_big_model_dir(
         intermediate_size=intermediate or int(hidden * 2.75) // 64 * 64,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
+        num_key_value_heads=kv_heads or max(1, heads // 4),
         max_position_embeddings=2048,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
