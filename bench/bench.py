@@ -1102,6 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="skip the pyinstrument profiles")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: cold-api,warm-api,warm-embedded,kbit,plan")
     parser.add_argument("--out", type=Path, default=BENCH / "results.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report again from bench/.cache/results.json (the last run's raw figures), running nothing")
     parser.add_argument("--quiet-wait", type=float, default=QUIET_MAX_WAIT_S,
                         help=f"before each run, wait at most this many seconds for other load under {QUIET_CORES} cores (default %(default)s)")
     args = parser.parse_args(argv)
@@ -1113,6 +1115,8 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s for s in args.skip.split(",") if s}
     kbit = [] if "kbit" in skip else [s for s in specs if s.size in KBIT_SIZES] + list(KBIT_WIDE.values())
     started = time.perf_counter()
+    if args.report_only:
+        return write_report(load_results(args.runs), specs, kbit, started, argv, args.out)
     every = list(dict.fromkeys([*specs, *kbit, PLAN_MODEL]))
     dirs = {spec.name: ensure_model(spec) for spec in every}
     facts = {name: model_facts(d) for name, d in dirs.items()}
@@ -1120,23 +1124,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {f['params']:,} params, {f['weight_bytes'] / 1e9:.2f} GB in {f['shards']} file(s)", flush=True)
     bench = Bench(args.runs)
     bench.version_start = product_version()
+    bench.facts = facts
     try:
         bench.setup(every, dirs)
         bench.run_all(specs, kbit, skip, profile=not args.no_profile)
     finally:
         bench.stop()
-    bench.version_end = product_version()
-    if bench.version_end["digest"] != bench.version_start["digest"]:
-        bench.problems.append(f"lora-prep's code changed while the benchmark ran (product digest {bench.version_start['digest']} → "
-                              f"{bench.version_end['digest']}, commit {bench.version_start['commit']} → {bench.version_end['commit']}): "
-                              "the figures mix versions; run it again")
-    (CACHE / "results.json").write_text(json.dumps({"facts": facts, "runs": [asdict(r) for r in bench.results],
-                                                     "profile": getattr(bench, "profile_summary", None),
-                                                     "plan": getattr(bench, "plan_walls", None),
-                                                     "version": [bench.version_start, bench.version_end],
-                                                     "problems": bench.problems}, indent=1))
-    text = report(bench, specs, kbit, facts, started, argv)
-    args.out.write_text(text)
+        bench.version_end = product_version()
+        if bench.version_end["digest"] != bench.version_start["digest"]:
+            bench.problems.append(f"lora-prep's code changed while the benchmark ran (product digest {bench.version_start['digest']} → "
+                                  f"{bench.version_end['digest']}, commit {bench.version_start['commit']} → {bench.version_end['commit']}): "
+                                  "the figures mix versions; run it again")
+        save_results(bench)  # also after a failure: what was measured can still be reported (--report-only)
+    return write_report(bench, specs, kbit, started, argv, args.out)
+
+
+RESULTS = CACHE / "results.json"
+_SAVED = ("notes", "problems", "retried", "profile_summary", "plan_walls", "plan_profile", "version_start", "version_end", "facts")
+
+
+def save_results(bench: Bench) -> None:
+    raw = {k: getattr(bench, k, None) for k in _SAVED}
+    RESULTS.write_text(json.dumps({**raw, "runs": [asdict(r) for r in bench.results]}, indent=1, default=str))
+
+
+def load_results(runs: int) -> Bench:
+    raw = json.loads(RESULTS.read_text())
+    bench = Bench(runs)
+    bench.results = [Run(**r) for r in raw.pop("runs")]
+    for key, value in raw.items():
+        if value is not None:
+            setattr(bench, key, value)
+    return bench
+
+
+def write_report(bench: Bench, specs: list[ModelSpec], kbit: list[ModelSpec], started: float, argv: list[str], out: Path) -> int:
+    text = report(bench, specs, kbit, bench.facts, started, argv)
+    out.write_text(text)
     print()
     print(text)
     return 1 if bench.problems else 0
