@@ -875,7 +875,7 @@ def report(bench: Bench, specs: list[ModelSpec], kbit: list[ModelSpec], facts: d
         "| size | parameters | hidden | layers | intermediate | heads / KV | vocab | safetensors | one decoder layer | output head | both sides load in |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for spec in [*specs, *kbit]:
+    for spec in dict.fromkeys([*specs, *kbit]):
         f = facts[spec.name]
         c = f["config"]
         lines.append(
