@@ -124,7 +124,14 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
     model: ModelReference = settings["model"]
     report = dry_run(
-        model.model_id, model.revision, settings["source"], settings["load"], settings["lora"], settings["output"], settings["tracking"]
+        model.model_id,
+        model.revision,
+        settings["source"],
+        settings["load"],
+        settings["lora"],
+        settings["output"],
+        settings["tracking"],
+        ends_process=True,
     )
     print(report.model_dump_json() if args.json else as_text(plan_rows(report)))
     return EXIT_OK if report.fits else 2

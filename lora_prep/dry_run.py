@@ -9,6 +9,8 @@ directory, and says whether it fits. No Prefect server, no MLflow, nothing writt
 
 from __future__ import annotations
 
+import sys
+
 from lora_prep.tasks.records.hub import RepoFacts
 from lora_prep.tasks.records.plan import PlannedFile, PlanReport
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
@@ -34,16 +36,27 @@ def dry_run(
     lora: LoraSettings,
     output: OutputSettings = OutputSettings(),
     tracking: TrackingSettings = TrackingSettings(),
+    *,
+    ends_process: bool = False,
 ) -> PlanReport:
-    """The prepare flow's first three stages, called as the flow calls them (their plain functions), and the report."""
+    """The prepare flow's first three stages, called as the flow calls them (their plain functions), and the report.
+
+    ends_process=True (the CLI, whose process exits after the report): a plan without quantization
+    keeps bitsandbytes unimported. PEFT imports it eagerly wherever it is installed (peft.helpers),
+    and that import pulls in torch's compiler stack: about 2 s of a dry run that never uses it. Not
+    done for a caller's process: PEFT caches "bitsandbytes unavailable", and a later quantized load
+    there would fail.
+    """
     from lora_prep.tasks.hub.env import cache_dir_for
+    from lora_prep.tasks.hub.repo import resolve_model
     from lora_prep.tasks.machine.hardware import probe_hardware
-    from lora_prep.tasks.plan import plan_prepare
-    from lora_prep.tasks.resolve import resolve_model
+    from lora_prep.tasks.preflight import plan_prepare
 
     # The functions the flow's resolve, probe and plan tasks wrap, in the flow's order.
     facts = resolve_model(model_id, revision, source)
     profile = probe_hardware(source.cache_dir, kbit=load.quantization != "none")
+    if ends_process and load.quantization == "none" and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # its import now raises ImportError; find_spec says absent
     planned = plan_prepare(profile, facts, load, lora, output, revision, source, tracking, enforce_fit=False, create_output=False)
     sizes = {f.path: f.size for f in facts.files}
     cached = set(_cached(facts, cache_dir_for(source)))

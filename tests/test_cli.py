@@ -51,8 +51,17 @@ def common(hf_cache, mlflow_uri, tmp_path) -> list[str]:
         (["tiny/llama", "--r", "0", "--dropout", "1.5"], ["lora.r", "lora.dropout"]),
         (["tiny/llama", "--target-modules", "q_projj"], ["q_projj", "q_proj"]),
     ],
-    ids=["unknown-repo", "bad-revision", "gated-without-token", "pickle-only", "remote-code", "remote-code-unpinned",
-         "does-not-fit", "invalid-lora", "unknown-target-module"],
+    ids=[
+        "unknown-repo",
+        "bad-revision",
+        "gated-without-token",
+        "pickle-only",
+        "remote-code",
+        "remote-code-unpinned",
+        "does-not-fit",
+        "invalid-lora",
+        "unknown-target-module",
+    ],
 )
 def test_each_refusal_exits_2_with_one_line_that_names_the_fix(capsys, hub, common, mlflow_uri, tmp_path, argv, expected):
     code, out, err = _run(capsys, "prepare", *argv, *common)
@@ -102,6 +111,31 @@ def test_plan_is_a_dry_run_that_downloads_no_weights(capsys, hub, hf_cache):
     assert all(r.range for r in weights), "only ranged header reads, no weights body"
 
 
+_PLAN_IMPORTS = """
+import atexit, json, sys
+from lora_prep.cli import console_main
+heavy = ("prefect", "mlflow", "bitsandbytes", "torch", "transformers", "peft")
+atexit.register(lambda: print("IMPORTED " + json.dumps([m for m in heavy if sys.modules.get(m) is not None]), file=sys.stderr))
+sys.argv = ["lora-prep", *sys.argv[1:]]
+console_main()
+"""
+
+
+def test_plan_imports_what_it_uses_and_not_the_engine_or_the_store(hub, hf_cache):
+    # A dry run never runs a flow or logs a run: Prefect and MLflow stay unimported (about 1.5 s and 1 s here), and so
+    # does bitsandbytes when nothing is quantized. The console script's own process, as a user runs it.
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAN_IMPORTS, "plan", "tiny/llama", "--cache-dir", str(hf_cache), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["fits"]
+    imported = json.loads(out.stderr.split("IMPORTED ")[-1])
+    assert imported == ["torch", "transformers", "peft"]  # the skeleton and PEFT's target resolution
+
+
 def test_plan_exits_2_and_says_why_when_the_model_does_not_fit(capsys, hub, hf_cache):
     code, out, err = _run(capsys, "plan", "tiny/llama", "--cache-dir", str(hf_cache), "--max-memory", "cpu=100KB")
 
@@ -122,17 +156,32 @@ def _cli_env(prefect_harness: str, hf_cache: Path) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": prefect_harness, "HF_HUB_CACHE": str(hf_cache)}
 
 
-def test_prepare_json_from_a_fresh_process_prints_one_parsable_object_and_load_reads_it_back(prefect_harness, hub, hf_cache, mlflow_uri, tmp_path):
+def test_prepare_json_from_a_fresh_process_prints_one_parsable_object_and_load_reads_it_back(
+    prefect_harness, hub, hf_cache, mlflow_uri, tmp_path
+):
     lora_prep = Path(sys.executable).with_name("lora-prep")
     env = _cli_env(prefect_harness, hf_cache)
     prepared = subprocess.run(
         [lora_prep, "prepare", "tiny/gpt2", "--r", "4", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / "out"), "--json"],
-        capture_output=True, text=True, env=env, timeout=240,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
     )
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     result = json.loads(prepared.stdout)
     assert result["commit_sha"] == hub.repos["tiny/gpt2"].sha
-    assert {"artifact_dir", "mlflow_run_id", "model_uri", "total_params", "trainable_params", "target_modules", "bytes_downloaded", "from_cache", "seconds"} <= set(result)
+    assert {
+        "artifact_dir",
+        "mlflow_run_id",
+        "model_uri",
+        "total_params",
+        "trainable_params",
+        "target_modules",
+        "bytes_downloaded",
+        "from_cache",
+        "seconds",
+    } <= set(result)
 
     loaded = subprocess.run([lora_prep, "load", result["artifact_dir"], "--json"], capture_output=True, text=True, env=env, timeout=240)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
@@ -146,7 +195,10 @@ def test_a_refusal_in_a_real_terminal_is_one_error_line_without_traceback(prefec
     lora_prep = Path(sys.executable).with_name("lora-prep")
     done = subprocess.run(
         [lora_prep, "prepare", "tiny/llama-pickle", "--output-dir", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
-        capture_output=True, text=True, env=_cli_env(prefect_harness, hf_cache), timeout=240,
+        capture_output=True,
+        text=True,
+        env=_cli_env(prefect_harness, hf_cache),
+        timeout=240,
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -155,14 +207,18 @@ def test_a_refusal_in_a_real_terminal_is_one_error_line_without_traceback(prefec
     assert done.stdout == ""
 
 
-def test_make_prepare_runs_the_flow_and_leaves_the_artifact_and_mlflow_store_in_the_per_user_directory(prefect_harness, hub, hf_cache, tmp_path):
+def test_make_prepare_runs_the_flow_and_leaves_the_artifact_and_mlflow_store_in_the_per_user_directory(
+    prefect_harness, hub, hf_cache, tmp_path
+):
     repo = Path(__file__).resolve().parents[1]
     home = tmp_path / "home"
     venv = Path(sys.prefix)  # the suite's own environment: `make` finds it set up and skips the install
     env = {**_cli_env(prefect_harness, hf_cache), "HOME": str(home), "XDG_DATA_HOME": str(home / ".local" / "share")}
     env.pop("LORA_PREP_HOME", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(["make", "-s", "prepare", "MODEL=tiny/llama", f"VENV={venv}"], cwd=repo, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        ["make", "-s", "prepare", "MODEL=tiny/llama", f"VENV={venv}"], cwd=repo, capture_output=True, text=True, env=env, timeout=300
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
     data = home / ".local" / "share" / "lora-prep"
@@ -178,8 +234,13 @@ def test_two_prepare_processes_at_once_both_succeed_and_fetch_the_weights_once(p
     # Slow the weight transfer so that the two runs overlap on it (huggingface_hub's file lock decides who fetches).
     hub.delay(1.0, "*/tiny/phi3/resolve/*/model.safetensors", methods=("GET",))
     procs = [
-        subprocess.Popen([lora_prep, "prepare", "tiny/phi3", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / f"out{i}"), "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [lora_prep, "prepare", "tiny/phi3", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / f"out{i}"), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for i in range(2)
     ]
     try:
@@ -239,8 +300,15 @@ def test_a_successful_prepare_in_a_terminal_prints_progress_bars_and_its_summary
     # A first run: new Prefect home (where the telemetry notice would show once), new MLflow store (its migration
     # would announce itself), an MoE model (its dropout decision), an MLflow run opened in a worker thread.
     env = {**_cli_env(prefect_harness, hf_cache), "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    argv = [str(Path(sys.executable).with_name("lora-prep")), "prepare", "tiny/qwen3-moe", "--tracking-uri",
-            f"sqlite:///{tmp_path}/new/mlflow.db", "--output-dir", str(tmp_path / "out")]
+    argv = [
+        str(Path(sys.executable).with_name("lora-prep")),
+        "prepare",
+        "tiny/qwen3-moe",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/new/mlflow.db",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     code, output = _run_in_a_terminal(argv, env)
     assert code == 0, output[-3000:]
     labels = ("artifact", "model", "load", "memory", "lora", "experts", "left out", "trainable", "download", "mlflow", "open", "seconds")

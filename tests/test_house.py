@@ -27,6 +27,7 @@ FLOORS = [
     {"model"},
     {"lora"},
     {"artifact"},
+    {"preflight"},
     {name.rsplit(".", 1)[1] for name in STAGES},
 ]
 

@@ -20,6 +20,7 @@ and the Prefect task retries it (tasks/common/retry.py); permanent errors fail a
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from lora_prep.tasks.hub.cache import (
     check_revision,
     guarded_hub,
 )
-from lora_prep.tasks.hub.env import cache_dir_for, is_offline, repo_cache_dir
+from lora_prep.tasks.hub.env import cache_dir_for, get_token, is_offline, repo_cache_dir
 from lora_prep.tasks.hub.errors import hub_errors
 from lora_prep.tasks.hub.facts import (
     build_facts,
@@ -258,3 +259,22 @@ def resolve_local_dir(model_dir: str, revision: str = LOCAL_REVISION, source: So
         source="local",
         code_digest=digest,
     )
+
+
+def _last_attempt() -> bool:
+    """True on the task run's last attempt (or outside Prefect): only then may resolve go offline."""
+    if "prefect" not in sys.modules:  # no task run without Prefect imported; a dry run never imports it
+        return True
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if ctx is None or ctx.task_run is None:
+        return True
+    return ctx.task_run.run_count > (ctx.task.retries or 0)
+
+
+def resolve_model(model_id: str, revision: str = "main", source: SourceSettings = SourceSettings()) -> RepoFacts:
+    """resolve_repo with the token looked up here; the Hub may be replaced by the cache on the last attempt only."""
+    if is_local_source(model_id):
+        return resolve_local_dir(model_id, revision, source)
+    return resolve_repo(model_id, revision, source, get_token(source), cache_fallback=_last_attempt())
