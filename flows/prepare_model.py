@@ -15,6 +15,7 @@ from lora_prep.run_support import (
     library_logs_to_prefect,
     prefect_record,
     prefect_tags,
+    process_tags_on_the_flow_run_only,
     publish_run_artifacts,
 )
 from lora_prep.tasks.build import build
@@ -86,7 +87,7 @@ def prepare_model(
         output: Where the artifact directory is written.
     """
     clock = StageClock()
-    with library_logs_to_prefect():
+    with library_logs_to_prefect(), process_tags_on_the_flow_run_only():
         with clock("resolve"):
             facts = resolve(model_id, revision, source)
         with clock("probe"):

@@ -45,6 +45,26 @@ class StageClock:
 
 
 @contextlib.contextmanager
+def process_tags_on_the_flow_run_only() -> Iterator[None]:
+    """The flow body's task runs leave out the tags that name this process (host, pid, start time).
+
+    The CLI creates the flow run under them so that a kill at any moment leaves a run the next one
+    can tell is dead; task runs would inherit them from Prefect's tag context. A task run with tags
+    asks the API for a concurrency slot per tag before it starts and gives it back after (two calls
+    each, ~50 ms per task on an idle server here, seconds in all on a busy 2-core machine), and no
+    limit can exist on a tag unique to one process. Every other tag (a caller's own, a task's own,
+    such as build's ``gpu``) stays, so tag concurrency limits still apply.
+    """
+    from prefect.context import TagsContext
+
+    from lora_prep.tasks.tracking.reaper import is_process_tag
+
+    current = TagsContext.get().current_tags
+    with TagsContext(current_tags={t for t in current if not is_process_tag(t)}):
+        yield
+
+
+@contextlib.contextmanager
 def library_logs_to_prefect(level: int = logging.INFO) -> Iterator[None]:
     """Send library logs to the Prefect run logs for the flow's duration (the handler is removed after)."""
     from prefect.logging.handlers import APILogHandler

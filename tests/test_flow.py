@@ -194,6 +194,38 @@ def test_a_model_too_big_for_max_memory_is_refused_before_any_weights_are_downlo
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_the_process_tags_stay_on_the_flow_run_and_off_its_task_runs(hub, hf_cache, mlflow_uri, tmp_path):
+    # As the CLI runs it: the flow run is created under this process's tags (the reaper finds it by them after a
+    # kill). Its task runs must not inherit them: each tag of a task run costs a concurrency-slot call before and
+    # after it. A caller's own tag and build's own tag ("gpu", for tag concurrency limits on a fleet) stay.
+    import asyncio
+
+    from prefect import get_client, tags
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from lora_prep.tasks.tracking.reaper import is_process_tag, process_flow_run_tags
+
+    mine = process_flow_run_tags()
+    with tags("team-a", *mine):
+        state = _prepare("tiny/llama", hf_cache, mlflow_uri, tmp_path / "out", return_state=True)
+    assert state.is_completed()
+
+    async def runs():
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(state.state_details.flow_run_id)
+            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+            return flow_run, await client.read_task_runs(flow_run_filter=flow_filter)
+
+    flow_run, task_runs = asyncio.run(runs())
+    assert set(mine) | {"team-a"} <= set(flow_run.tags)
+    stages = ("resolve", "probe", "plan", "download", "build", "track", "open-mlflow-run")
+    by_stage = {s: set(t.tags) for s in stages for t in task_runs if t.name.startswith(f"{s}-")}
+    assert set(by_stage) == set(stages), [t.name for t in task_runs]
+    assert [(s, sorted(t)) for s, t in by_stage.items() if any(is_process_tag(x) for x in t)] == []
+    assert all("team-a" in t for t in by_stage.values())
+    assert "gpu" in by_stage["build"]
+
+
 def test_library_and_stage_logs_reach_the_prefect_run_logs(hub, hf_cache, mlflow_uri, tmp_path):
     import asyncio
     import logging

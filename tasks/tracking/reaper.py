@@ -41,6 +41,10 @@ def process_flow_run_tags(process: ProcessId | None = None) -> list[str]:
     return [f"{HOST_PREFIX}{me.host}", f"{PID_PREFIX}{me.pid}", f"{STARTED_PREFIX}{me.started or 0:.3f}"]
 
 
+def is_process_tag(tag: str) -> bool:
+    return tag.startswith(_PREFIXES)
+
+
 def flow_run_owner(tags: list[str]) -> ProcessId | None:
     found = {prefix: next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None) for prefix in _PREFIXES}
     host, pid = found[HOST_PREFIX], found[PID_PREFIX]
@@ -67,7 +71,7 @@ def claim_flow_run(flow_run_id: str, tags: list[str]) -> None:
         prefect = _prefect_client()
         if prefect is not None:
             with prefect:
-                prefect.update_flow_run(flow_run_id, tags=[t for t in tags if not t.startswith(_PREFIXES)] + mine)
+                prefect.update_flow_run(flow_run_id, tags=[t for t in tags if not is_process_tag(t)] + mine)
     except Exception as exc:  # best effort: the MLflow run's own process tags still find it
         log.warning("could not tag Prefect flow run %s with its process: %s", flow_run_id, exc)
 
