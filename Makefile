@@ -10,6 +10,9 @@ BIN := $(VENV)/bin
 MODEL ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (0: one process). tests/conftest.py orders the modules and keeps
+# the tests that assert a time bound alone.
+JOBS ?= 2
 
 .PHONY: prepare test setup bench lint clean-venv
 
@@ -26,7 +29,7 @@ prepare: $(STAMP)
 	$(BIN)/lora-prep prepare "$(MODEL)" $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Lint, format and types of the product code (lora_prep/, flows/, tasks/, deployments/); .ci/run runs it before the tests.
 # mypy reads a package by its folders: build/typecheck/lora_prep lays the installed layout out with symlinks.

@@ -57,6 +57,8 @@ _hub_session = _start_session_hub()
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _stop_local_prefect_server()
+    if os.environ.get(_LOCKS_ENV) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(os.environ.pop(_LOCKS_ENV), ignore_errors=True)
     if not _hub_session:
         return
     _hub_session["server"].stop()
@@ -179,3 +181,64 @@ def lora_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def mlflow_uri(tmp_path: Path) -> str:
     """A real MLflow tracking store: a SQLite file in the test's temporary directory."""
     return f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+
+# --- Parallel runs: `make test` runs pytest-xdist workers ---
+#
+# Two workers (`-n 2 --dist loadfile`: a module's tests and its module fixtures stay on one worker).
+# Most of the suite's wall time is waiting (servers starting, zombie detection, watchdogs), so two
+# workers overlap it. Two things are arranged here:
+# - Order: the longest modules first (they would otherwise finish alone at the end), the modules
+#   with `alone` tests last. `--no-loadscope-reorder` keeps this order (xdist's default sorts
+#   modules by their number of tests, which puts the one-test fleet module last).
+# - `@pytest.mark.alone`: a test that asserts a user-facing time bound ("one line within a minute")
+#   runs with nothing on the other worker: a time bound measured while another worker saturates the
+#   two cores measures that worker. Every other test holds a shared lock for its whole protocol
+#   (setup, call, teardown, module fixtures included); an `alone` test holds it exclusively. A gate
+#   lock taken first makes the exclusive side win: once an `alone` test waits, no new test starts.
+# Run serially (plain `pytest`), none of this applies.
+
+_HEAVY_FIRST = (  # measured seconds in one serial run, longest first
+    "tests/test_fleet.py",  # ~370
+    "tests/reliability/test_concurrency.py",  # ~230
+    "tests/test_cli.py",  # ~200
+    "tests/reliability/test_crashes.py",  # ~170
+    "tests/test_e2e.py",  # ~170
+    "tests/test_wheel.py",  # ~85
+    "tests/reliability/test_import_race.py",  # ~60
+    "tests/test_qlora.py",
+    "tests/test_portable.py",
+)
+_LOCKS_ENV = "LORA_PREP_TEST_LOCKS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The controller makes the lock directory; its workers start after this hook and inherit the variable.
+    if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
+        os.environ[_LOCKS_ENV] = tempfile.mkdtemp(prefix="lora-prep-test-locks-")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        if path in _HEAVY_FIRST:
+            return _HEAVY_FIRST.index(path)
+        if any(other.get_closest_marker("alone") for other in by_module[path]):
+            return len(_HEAVY_FIRST) + 2
+        return len(_HEAVY_FIRST) + 1
+
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    items.sort(key=rank)  # stable: the order within a module and among the rest stays
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    locks = os.environ.get(_LOCKS_ENV)
+    if not locks or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return (yield)
+    from tests.xdist_locks import exclusive_or_shared
+
+    with exclusive_or_shared(Path(locks), exclusive=item.get_closest_marker("alone") is not None):
+        return (yield)

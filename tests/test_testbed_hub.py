@@ -364,6 +364,7 @@ def test_injected_429_on_a_download_is_retried_by_huggingface_hub(hf_cache, hub,
     assert [r.status for r in hub.records("*/tokenizer.json", "GET")] == [429, 200]
 
 
+@pytest.mark.alone  # a time bound
 def test_a_delayed_answer_makes_the_client_time_out(hf_cache, hub, testbed):
     hub.delay(1.0, path_glob=f"/api/models/{TINY}", times=1)
     started = time.monotonic()

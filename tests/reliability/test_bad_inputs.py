@@ -84,6 +84,7 @@ def test_a_safetensors_header_with_a_negative_dimension_is_one_line_naming_the_f
     assert "model.safetensors" in line and "corrupt" in line and "ModelFacts" not in line and "invalid parameters" not in line
 
 
+@pytest.mark.alone  # a time bound
 def test_a_config_json_nested_200000_deep_is_one_line_naming_the_file(capsys, hub, bad_repos, common, tmp_path):
     code, line, seconds = _run(capsys, "prepare", bad_repos["deep"], *common, "--output-dir", str(tmp_path / "out"))
     assert code == 2 and "config.json" in line and "nested too deeply" in line and "RecursionError" not in line

@@ -21,7 +21,7 @@ import pytest
 from tests.servers import child_env, free_port, start_prefect_server
 
 LORA_PREP = str(Path(sys.executable).with_name("lora-prep"))
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # each asserts a time to outcome
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
