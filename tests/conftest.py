@@ -191,6 +191,9 @@ def mlflow_uri(tmp_path: Path) -> str:
 # - Order: the longest modules first (they would otherwise finish alone at the end), the modules
 #   with `alone` tests last. `--no-loadscope-reorder` keeps this order (xdist's default sorts
 #   modules by their number of tests, which puts the one-test fleet module last).
+# - `@pytest.mark.heavy`: a test that runs many processes at once (the fleet, eight runs at once).
+#   Two of them at once oversubscribe the two cores several times over; one beside ordinary tests is
+#   fine. So at most one heavy test runs at a time, and the order spaces them out.
 # - `@pytest.mark.alone`: a test that asserts a user-facing time bound ("one line within a minute")
 #   runs with nothing on the other worker: a time bound measured while another worker saturates the
 #   two cores measures that worker. Every other test holds a shared lock for its whole protocol
@@ -198,13 +201,13 @@ def mlflow_uri(tmp_path: Path) -> str:
 #   lock taken first makes the exclusive side win: once an `alone` test waits, no new test starts.
 # Run serially (plain `pytest`), none of this applies.
 
-_HEAVY_FIRST = (  # measured seconds in one serial run, longest first
-    "tests/test_fleet.py",  # ~370
-    "tests/reliability/test_concurrency.py",  # ~230
-    "tests/test_cli.py",  # ~200
+_HEAVY_FIRST = (  # measured seconds in one serial run; longest first, but the two heavy modules apart
+    "tests/test_fleet.py",  # ~370, heavy
     "tests/reliability/test_crashes.py",  # ~170
+    "tests/test_cli.py",  # ~200
     "tests/test_e2e.py",  # ~170
     "tests/test_wheel.py",  # ~85
+    "tests/reliability/test_concurrency.py",  # ~230, heavy: reached about when the fleet ends
     "tests/reliability/test_import_race.py",  # ~60
     "tests/test_qlora.py",
     "tests/test_portable.py",
@@ -240,5 +243,6 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return (yield)
     from tests.xdist_locks import exclusive_or_shared
 
-    with exclusive_or_shared(Path(locks), exclusive=item.get_closest_marker("alone") is not None):
+    alone, heavy = (item.get_closest_marker(name) is not None for name in ("alone", "heavy"))
+    with exclusive_or_shared(Path(locks), exclusive=alone, heavy=heavy):
         return (yield)

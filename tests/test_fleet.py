@@ -69,7 +69,7 @@ from tests.servers import (
     wait_prefect_server,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy, pytest.mark.timeout(420)]
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "lora-prep-process"

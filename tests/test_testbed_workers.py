@@ -93,3 +93,33 @@ def test_two_shared_holders_overlap_and_a_stuck_holder_bounds_the_wait(tmp_path)
     second.release.set()
     first.join(10)
     second.join(10)
+
+
+def test_heavy_tests_take_turns_but_each_overlaps_an_ordinary_test(tmp_path):
+    log: list[str] = []
+
+    class HeavyHolder(Holder):
+        def run(self) -> None:
+            with exclusive_or_shared(self.directory, exclusive=False, heavy=True, timeout=30):
+                self.log.append(f"{self.name} in")
+                self.holding.set()
+                assert self.release.wait(30)
+                self.log.append(f"{self.name} out")
+
+    fleet = HeavyHolder(tmp_path, exclusive=False, log=log, name="fleet")
+    fleet.start()
+    assert fleet.holding.wait(10)
+    ordinary = Holder(tmp_path, exclusive=False, log=log, name="ordinary")
+    ordinary.start()
+    assert ordinary.holding.wait(10), "an ordinary test waited for a heavy one"
+    burst = HeavyHolder(tmp_path, exclusive=False, log=log, name="burst")
+    burst.start()
+    assert not burst.holding.wait(1.0), "two heavy tests ran at once"
+    fleet.release.set()
+    assert burst.holding.wait(10)
+    for thread in (burst, ordinary):
+        thread.release.set()
+    for thread in (fleet, ordinary, burst):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert log.index("fleet out") < log.index("burst in")

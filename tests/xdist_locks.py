@@ -6,6 +6,11 @@ between two tests, so a waiting `alone` test could wait out the whole module. A 
 closes that: a test takes the gate, then its side of the main lock; a shared holder lets the gate
 go at once, the exclusive one keeps it until it is done, so nothing new starts while it waits or runs.
 Each wait is bounded (polling, not a blocking flock), longer than the longest test's own timeout.
+
+A `heavy` test (one that runs many processes at once) also holds a third lock, exclusively, inside
+its shared hold: two of them at once oversubscribe two cores several times over (the fleet test
+beside an eight-runs-at-once test ran past its timeout), but either is fine beside an ordinary test.
+The locks are always taken in one order (gate, main, heavy), so no two waiters can wait on each other.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ def _take(fd: int, mode: int, what: str, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_or_shared(directory: Path, *, exclusive: bool, timeout: float = WAIT_S) -> Iterator[None]:
+def exclusive_or_shared(directory: Path, *, exclusive: bool, heavy: bool = False, timeout: float = WAIT_S) -> Iterator[None]:
     gate = os.open(directory / "gate", os.O_RDWR | os.O_CREAT, 0o600)
     main = os.open(directory / "main", os.O_RDWR | os.O_CREAT, 0o600)
+    one_heavy = os.open(directory / "heavy", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         _take(gate, fcntl.LOCK_EX, "gate", timeout)
         try:
@@ -43,7 +49,10 @@ def exclusive_or_shared(directory: Path, *, exclusive: bool, timeout: float = WA
         finally:
             if not exclusive:
                 fcntl.flock(gate, fcntl.LOCK_UN)
+        if heavy:
+            _take(one_heavy, fcntl.LOCK_EX, "heavy", timeout)
         yield
     finally:
-        os.close(main)  # closing the descriptions releases their locks
+        os.close(one_heavy)  # closing the descriptions releases their locks
+        os.close(main)
         os.close(gate)

@@ -20,7 +20,7 @@ from tests.servers import child_env
 
 LORA_PREP = str(Path(sys.executable).with_name("lora-prep"))
 RUNS = 8
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # eight CLI processes at once
 
 
 def _burst(env: dict[str, str], out: Path, extra: list[str]) -> list[tuple[int, str, str]]:
