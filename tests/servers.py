@@ -155,17 +155,23 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def start_prefect_server(tmp: Path, *, timeout: float = 120.0, scheduler: bool = False) -> ServerHandle:
+# How long the test bed waits for a server it started to answer its health check. A bound on the test bed, not on
+# lora-prep: make test runs two workers, and an `mlflow server` launched while the fleet test starts its own dozen
+# processes on 2 cores was still importing after 60 s (its database initialised 27 s in). Bounded all the same.
+START_TIMEOUT_S = 180.0
+
+
+def start_prefect_server(tmp: Path, *, timeout: float = START_TIMEOUT_S, scheduler: bool = False) -> ServerHandle:
     """`prefect server start` on 127.0.0.1:<free port> with PREFECT_HOME and its SQLite database under `tmp`."""
     return wait_prefect_server(launch_prefect_server(tmp, scheduler=scheduler), timeout)
 
 
-def start_mlflow_server(tmp: Path, *, timeout: float = 60.0) -> ServerHandle:
+def start_mlflow_server(tmp: Path, *, timeout: float = START_TIMEOUT_S) -> ServerHandle:
     """`mlflow server` on 127.0.0.1:<free port>, SQLite store and proxied artifacts under `tmp`."""
     return wait_mlflow_server(launch_mlflow_server(tmp), timeout)
 
 
-def start_servers(tmp: Path, *, timeout: float = 120.0, scheduler: bool = False) -> tuple[ServerHandle, ServerHandle]:
+def start_servers(tmp: Path, *, timeout: float = START_TIMEOUT_S, scheduler: bool = False) -> tuple[ServerHandle, ServerHandle]:
     """Both servers, launched side by side, then both waited for."""
     prefect = launch_prefect_server(tmp, scheduler=scheduler)
     mlflow = launch_mlflow_server(tmp)
