@@ -70,7 +70,7 @@ from tests.servers import (
     wait_prefect_server,
 )
 
-# A hang's bound, not a target: 330 s alone, 360 s beside the other worker's tests in make test.
+# A hang's bound, not a target: 330 s alone, 290-360 s beside the other worker's tests in make test.
 pytestmark = [pytest.mark.e2e, pytest.mark.heavy, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
