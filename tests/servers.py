@@ -183,12 +183,12 @@ def start_servers(tmp: Path, *, timeout: float = START_TIMEOUT_S, scheduler: boo
         raise
 
 
-def wait_prefect_server(handle: ServerHandle, timeout: float) -> ServerHandle:
+def wait_prefect_server(handle: ServerHandle, timeout: float = START_TIMEOUT_S) -> ServerHandle:
     wait_until_healthy(handle, f"{handle.url}/health", timeout, expect="true")
     return handle
 
 
-def wait_mlflow_server(handle: ServerHandle, timeout: float) -> ServerHandle:
+def wait_mlflow_server(handle: ServerHandle, timeout: float = START_TIMEOUT_S) -> ServerHandle:
     wait_until_healthy(handle, f"{handle.url}/health", timeout)
     return handle
 

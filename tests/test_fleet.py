@@ -60,7 +60,6 @@ import pytest
 from tests import postgres
 from tests.servers import (
     BIN,
-    START_TIMEOUT_S,
     ServerHandle,
     launch_mlflow_server_on,
     launch_prefect_server_on,
@@ -311,8 +310,8 @@ class Fleet:
         self.prefect = launch_prefect_server_on(self.tmp, self.pg.url("prefect", driver="postgresql+asyncpg"), env=self.server_env)
         # psycopg2 named explicitly: SQLAlchemy 2.1 (what mlflow 3.17 installs) maps a bare postgresql:// to psycopg 3.
         self.mlflow = launch_mlflow_server_on(self.tmp, self.pg.url("mlflow", driver="postgresql+psycopg2"))
-        wait_prefect_server(self.prefect, START_TIMEOUT_S)
-        wait_mlflow_server(self.mlflow, START_TIMEOUT_S)
+        wait_prefect_server(self.prefect)
+        wait_mlflow_server(self.mlflow)
         self.seconds["servers"] = time.monotonic() - mark
 
         mark = time.monotonic()
@@ -375,7 +374,7 @@ class Fleet:
         self.prefect.stop()
         self.seconds["prefect_stop"] = time.monotonic() - started
         self.prefect = wait_prefect_server(
-            launch_prefect_server_on(self.tmp, self.pg.url("prefect", driver="postgresql+asyncpg"), port=port, env=self.server_env), START_TIMEOUT_S)
+            launch_prefect_server_on(self.tmp, self.pg.url("prefect", driver="postgresql+asyncpg"), port=port, env=self.server_env))
         return time.monotonic() - started
 
     def stop(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import START_TIMEOUT_S, child_env, launch_mlflow_server, wait_mlflow_server
+from tests.servers import child_env, launch_mlflow_server, wait_mlflow_server
 
 LORA_PREP = str(Path(sys.executable).with_name("lora-prep"))
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_a_preparation_killed_mid_artifact_write_leaves_only_a_partial_dir_that_
 
 
 def test_after_an_mlflow_outage_lora_prep_log_attaches_to_the_preparation_s_own_run(prefect_harness, hub, hf_cache, tmp_path):
-    mlflow = wait_mlflow_server(launch_mlflow_server(tmp_path), START_TIMEOUT_S)
+    mlflow = wait_mlflow_server(launch_mlflow_server(tmp_path))
     env = child_env({"PREFECT_API_URL": prefect_harness, "HF_HUB_CACHE": str(hf_cache)})
     weights = "*/tiny/gpt-neox/resolve/*/model.safetensors"
     hub.delay(8.0, weights, methods=("GET",), times=1)
@@ -161,7 +161,7 @@ def _relaunch_on(port: str, tmp: Path):
     handle = launch("mlflow server", argv, tmp / "logs" / "mlflow-server-2.log",
                     child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}), cwd=root)
     handle.url = f"http://127.0.0.1:{port}"
-    return wait_mlflow_server(handle, START_TIMEOUT_S)
+    return wait_mlflow_server(handle)
 
 
 def _flow_runs_tagged(api: str, tag: str) -> list[dict]:
