@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from lora_prep.cli_options import Section, UsageError, add_arguments, settings_from_args
-from lora_prep.tasks.machine.kbit import quiet_bitsandbytes
+from lora_prep.tasks.machine.kbit import one_run_process, quiet_bitsandbytes
 from lora_prep.tasks.settings import (
     ArtifactDirectory,
     LoadBackSettings,
@@ -131,7 +131,6 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         settings["lora"],
         settings["output"],
         settings["tracking"],
-        ends_process=True,
     )
     print(report.model_dump_json() if args.json else as_text(plan_rows(report)))
     return EXIT_OK if report.fits else 2
@@ -295,16 +294,23 @@ def console_main() -> None:
     # Production logging: a handler that fails (Prefect's API log shipping once its API is gone)
     # does not print its own traceback or "--- Error logging to API ---" under our one error line.
     logging.raiseExceptions = False
-    sys.exit(main())
+    sys.exit(main(console=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+# The commands that run one preparation or one plan in this process and end it.
+ONE_RUN_COMMANDS = ("prepare", "plan")
+
+
+def main(argv: list[str] | None = None, *, console: bool = False) -> int:
+    """console=True: the console script's own process, which ends with this command (an embedding caller's does not)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
         args.debug = debug
         command: Command = args.command_spec
+        if console and command.name in ONE_RUN_COMMANDS:
+            one_run_process()  # an unquantized run keeps bitsandbytes out of this process (keep_bitsandbytes_out)
         # PEFT imports bitsandbytes wherever it is installed, and bitsandbytes' CPU backend announces at import that an
         # optional faster kernel is missing: a speed note, not the user's problem, between our lines.
         with quiet_bitsandbytes():

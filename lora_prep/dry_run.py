@@ -9,8 +9,6 @@ directory, and says whether it fits. No Prefect server, no MLflow, nothing writt
 
 from __future__ import annotations
 
-import sys
-
 from lora_prep.tasks.records.hub import RepoFacts
 from lora_prep.tasks.records.plan import PlannedFile, PlanReport
 from lora_prep.tasks.settings import LoadSettings, LoraSettings, OutputSettings, SourceSettings, TrackingSettings
@@ -41,22 +39,21 @@ def dry_run(
 ) -> PlanReport:
     """The prepare flow's first three stages, called as the flow calls them (their plain functions), and the report.
 
-    ends_process=True (the CLI, whose process exits after the report): a plan without quantization
-    keeps bitsandbytes unimported. PEFT imports it eagerly wherever it is installed (peft.helpers),
-    and that import pulls in torch's compiler stack: about 2 s of a dry run that never uses it. Not
-    done for a caller's process: PEFT caches "bitsandbytes unavailable", and a later quantized load
-    there would fail.
+    ends_process=True (a caller whose process exits after the report, as the `lora-prep` console
+    script's does): a plan without quantization keeps bitsandbytes unimported
+    (tasks/machine/kbit.py keep_bitsandbytes_out says why, and why only there).
     """
     from lora_prep.tasks.hub.env import cache_dir_for
     from lora_prep.tasks.hub.repo import resolve_model
     from lora_prep.tasks.machine.hardware import probe_hardware
+    from lora_prep.tasks.machine.kbit import one_run_process
     from lora_prep.tasks.preflight import plan_prepare
 
     # The functions the flow's resolve, probe and plan tasks wrap, in the flow's order.
     facts = resolve_model(model_id, revision, source)
     profile = probe_hardware(source.cache_dir, kbit=load.quantization != "none")
-    if ends_process and load.quantization == "none" and "bitsandbytes" not in sys.modules:
-        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # its import now raises ImportError; find_spec says absent
+    if ends_process:
+        one_run_process()
     planned = plan_prepare(profile, facts, load, lora, output, revision, source, tracking, enforce_fit=False, create_output=False)
     sizes = {f.path: f.size for f in facts.files}
     cached = set(_cached(facts, cache_dir_for(source)))

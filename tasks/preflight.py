@@ -18,6 +18,7 @@ from lora_prep.tasks.errors import (
 )
 from lora_prep.tasks.hub.selection import ships_code
 from lora_prep.tasks.lora.targets import plan_targets
+from lora_prep.tasks.machine.kbit import keep_bitsandbytes_out
 from lora_prep.tasks.model.anatomy import skeleton
 from lora_prep.tasks.model.census import parameter_census
 from lora_prep.tasks.model.facts import ModelFacts
@@ -75,6 +76,7 @@ def plan_prepare(
     enforce_fit=False (the dry run) returns a plan with ``fits=False`` instead of refusing;
     create_output=False checks the output directory without creating it.
     """
+    keep_bitsandbytes_out(load.quantization, facts.config)  # before PEFT's first import, in the CLI's process only
     problems: list[LoraPrepError] = []
     load_plan: LoadPlan | None = None
     census: ParameterCensus | None = None

@@ -109,6 +109,8 @@ def test_plan_is_a_dry_run_that_downloads_no_weights(capsys, hub, hf_cache):
     assert report["targets"]["trainable_params"] > 0 and report["artifact_parent"]
     weights = [r for r in hub.records("*/model.safetensors", "GET")]
     assert all(r.range for r in weights), "only ranged header reads, no weights body"
+    # main() called by a caller (not the console script) leaves bitsandbytes importable in the caller's process.
+    assert sys.modules.get("bitsandbytes", "not imported") is not None
 
 
 _PLAN_IMPORTS = """
@@ -134,6 +136,64 @@ def test_plan_imports_what_it_uses_and_not_the_engine_or_the_store(hub, hf_cache
     assert json.loads(out.stdout)["fits"]
     imported = json.loads(out.stderr.split("IMPORTED ")[-1])
     assert imported == ["torch", "transformers", "peft"]  # the skeleton and PEFT's target resolution
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_prepare_imports_bitsandbytes_only_when_it_quantizes(prefect_harness, hub, hf_cache, mlflow_uri, tmp_path, quantization):
+    # The console script's process runs one preparation: without quantization PEFT's eager bitsandbytes import
+    # (native libraries and torch's compiler stack, about 1 s) is kept out; a 4-bit run loads with it, on this CPU.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PLAN_IMPORTS,
+            "prepare",
+            "tiny/llama",
+            "--quantization",
+            quantization,
+            "--r",
+            "4",
+            "--tracking-uri",
+            mlflow_uri,
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=_cli_env(prefect_harness, hf_cache),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    manifest = json.loads((Path(result["artifact_dir"]) / "manifest.json").read_text())
+    assert manifest["load_used"]["quantization"].startswith(quantization)  # "none", or "4bit nf4 double-quant ..."
+    imported = json.loads(out.stderr.split("IMPORTED ")[-1])
+    assert imported == ["prefect", "mlflow", *(["bitsandbytes"] if quantization == "4bit" else []), "torch", "transformers", "peft"]
+
+
+def test_keep_bitsandbytes_out_acts_only_for_an_unquantized_run_of_a_one_run_process():
+    # In a fresh interpreter: the block is process-wide (sys.modules), so it cannot be tried in the test's own.
+    script = (
+        "import json, sys\n"
+        "from lora_prep.tasks.machine import kbit\n"
+        "before = kbit.keep_bitsandbytes_out('none', {})\n"  # not a one-run process: a caller's, left alone
+        "kbit.one_run_process()\n"
+        "prequantized = kbit.keep_bitsandbytes_out('none', {'quantization_config': {'quant_method': 'bitsandbytes'}})\n"
+        "quantized = kbit.keep_bitsandbytes_out('4bit', {})\n"
+        "kept_out = kbit.keep_bitsandbytes_out('none', {})\n"
+        "try:\n"
+        "    import bitsandbytes  # noqa: F401\n"
+        "    imports = True\n"
+        "except ImportError:\n"
+        "    imports = False\n"
+        "from transformers.utils import is_bitsandbytes_available\n"
+        "from peft.import_utils import is_bnb_available\n"
+        "print(json.dumps([before, prequantized, quantized, kept_out, imports, is_bitsandbytes_available(), is_bnb_available()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == [False, False, False, True, False, False, False]
 
 
 def test_plan_exits_2_and_says_why_when_the_model_does_not_fit(capsys, hub, hf_cache):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,30 @@ _MAX_RELATIVE_ERROR = 0.25
 # import that the optional `kernels` package (a faster 4-bit gemm fetched from the Hub) is missing, and
 # LLM.int8 says on every matmul that it casts the input to float16 (what it always does).
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions")
+# Set by the CLI's prepare and plan commands: this process runs one preparation (or one plan) and exits.
+_ONE_RUN_PROCESS = False
+
+
+def one_run_process() -> None:
+    """This process prepares or plans one model, then exits (the CLI): keep_bitsandbytes_out may act in it."""
+    global _ONE_RUN_PROCESS
+    _ONE_RUN_PROCESS = True
+
+
+def keep_bitsandbytes_out(quantization: str, config: dict[str, Any]) -> bool:
+    """In a one-run process whose run loads nothing k-bit, make bitsandbytes unimportable; True when it did.
+
+    PEFT imports bitsandbytes eagerly wherever it is installed (its LoRA layers look for bitsandbytes'
+    Linear classes), and that import loads native libraries and torch's compiler stack: about 0.9 s on an
+    AVX-512 Xeon and 2 s on an EPYC, in a run that never uses it. Not done in any other process (a
+    pipeline that imports lora-prep, a Prefect worker's flow run): PEFT and transformers remember
+    "bitsandbytes unavailable", and a later k-bit load there would fail. Not done for a checkpoint whose
+    config carries a quantization_config: transformers may need bitsandbytes to read those weights.
+    """
+    if not _ONE_RUN_PROCESS or quantization != "none" or config.get("quantization_config") or "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # its import now raises ImportError; find_spec says absent
+    return True
 
 
 @contextlib.contextmanager
