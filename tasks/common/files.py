@@ -34,8 +34,12 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-# Read size when hashing: 8 MiB keeps hashlib busy (it releases the GIL on large buffers) without holding much memory.
-HASH_CHUNK = 8 << 20
+# Read size when hashing. Every reader reads into one buffer of its own, reused: a new multi-MiB bytes object
+# per read, on several threads at once (one per blob a download is writing), leaves glibc's per-thread malloc
+# arenas holding that memory for the rest of the process (measured: 19 threads reading 8 MiB at a time,
+# +305 MiB of anonymous memory that stays; one reused 1 MiB buffer each, +20 MiB). 1 MiB hashes as fast as
+# 8 MiB, and hashlib releases the GIL on buffers this size.
+HASH_CHUNK = 1 << 20
 
 
 def hash_file(path: str | Path, *, git_blob_size: int | None = None) -> tuple[str, str | None]:
@@ -43,8 +47,10 @@ def hash_file(path: str | Path, *, git_blob_size: int | None = None) -> tuple[st
     ``blob <size>\\0`` + content: a small file's name in the HF cache), in one read."""
     sha256 = hashlib.sha256()
     sha1 = hashlib.sha1(b"blob %d\0" % git_blob_size) if git_blob_size is not None else None
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
+    buffer = memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            chunk = buffer[:n]
             sha256.update(chunk)
             if sha1 is not None:
                 sha1.update(chunk)

@@ -121,6 +121,7 @@ class StreamHasher:
 
     def _hash(self, f: HubFile, fd: int, final: Path) -> None:
         digest, offset, inode = hashlib.sha256(), 0, os.fstat(fd).st_ino
+        buffer = memoryview(bytearray(HASH_CHUNK))  # reused: see HASH_CHUNK
         finished_at = None
         while True:
             if self._distrusted.is_set():
@@ -129,9 +130,9 @@ class StreamHasher:
             if size < offset:
                 return self._abandon(f, "the transfer restarted (the file was truncated)")
             if size > offset:
-                chunk = os.pread(fd, min(size - offset, HASH_CHUNK), offset)
-                digest.update(chunk)
-                offset += len(chunk)
+                n = os.preadv(fd, [buffer[: min(size - offset, HASH_CHUNK)]], offset)
+                digest.update(buffer[:n])
+                offset += n
                 continue
             if offset == f.size and final.exists():
                 st = os.stat(final)
