@@ -31,7 +31,8 @@ What it does (every figure is a whole fresh process, measured from outside):
 7. Writes bench/results.md (ratios of the medians, lora-prep − bare, estimate against held, the check against
    one layer, the k-bit table, stage seconds, targets met or missed); raw figures in bench/.cache/results.json.
 
-Disk: each size's weights live three times while it runs (models/, the hub store, one HF cache): ~21 GB at 3.4 B.
+Disk: models/ holds every size once (10 GB for the default sweep, 22 GB with 7b; the hub store hard-links it);
+while a size runs, its warm HF cache and one cold one add twice its weights (14 GB at 3.4 B, 25 GB at 7 B).
 The default sweep takes about an hour on 2 cores with --runs 3.
 """
 
@@ -501,10 +502,11 @@ class Bench:
         for spec in specs:
             # Each size as the root commit of its repo: the same files give the same sha on every run, so a
             # rerun finds the commit in the store and only hashes. (Published on top of the last run's head, each
-            # run made a new commit, that is a new copy of every size: 22 GB more per `make bench`.)
+            # run made a new commit, that is a new copy of every size: 22 GB more per `make bench`.) Hard links
+            # into models/: the store adds no second copy of the weights.
             repo_dir = self.hub.store / spec.repo_id
             (repo_dir / "repo.json").unlink(missing_ok=True)
-            sha = publish(self.hub.store, spec.repo_id, dirs[spec.name])
+            sha = publish(self.hub.store, spec.repo_id, dirs[spec.name], link=True)
             for old in (repo_dir / "commits").iterdir():  # copies earlier runs left
                 if old.name != sha:
                     shutil.rmtree(old)

@@ -125,6 +125,14 @@ def _seed_facts(path: Path, facts: FileFacts) -> None:
 _publish_lock = threading.Lock()
 
 
+def _hard_link(src: Path, dst: Path) -> bool:
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:  # another file system, or one without hard links
+        return False
+
+
 def _split_repo_id(repo_id: str) -> tuple[str, str]:
     parts = repo_id.split("/")
     if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
@@ -150,6 +158,7 @@ def publish(
     branch: str = "main",
     tags: Sequence[str] = (),
     gated: bool | str | None = None,
+    link: bool = False,
 ) -> str:
     """Copy src_dir's files as a new commit on `branch` (created if missing), point `tags` at it;
     return the 40-hex commit sha.
@@ -157,6 +166,8 @@ def publish(
     sha = sha1 over the parent sha and the sorted (path, sha256) of the files: deterministic.
     A new branch starts from the head of main (its parent), as `git branch` would.
     `gated`: True (shown as "auto"), "manual", False, or None to keep the repo's setting.
+    `link`: hard-link the files instead of copying them where the file system allows (the caller then must
+    not modify src_dir's files: the benchmark's generated models, served without a second copy on disk).
     """
     org, name = _split_repo_id(repo_id)
     src_dir = Path(src_dir)
@@ -183,7 +194,8 @@ def publish(
             for p in paths:
                 dst = tmp / p
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src_dir / p, dst)
+                if not (link and _hard_link(src_dir / p, dst)):
+                    shutil.copyfile(src_dir / p, dst)
             os.replace(tmp, commit_dir)
         for p in paths:  # so that serving never re-hashes what publish just hashed
             _seed_facts(commit_dir / p, facts[p])
