@@ -298,6 +298,20 @@ def test_publish_is_deterministic_and_chains_commits_on_a_branch(tmp_path):
     assert (tmp_path / "a" / "org" / "x" / "commits" / first / "sub" / "weights.bin").read_bytes() == b"\0" * 32
 
 
+def test_publish_with_link_serves_the_source_files_without_copying_them(hf_cache, hub, tmp_path):
+    """`make bench` publishes its generated models so (22 GB with 7b would otherwise be on disk twice)."""
+    src = tmp_path / "src"
+    weights = bytes(range(256)) * (3 * MIB // 256)
+    _write(src, {"config.json": b"{}", "weights.bin": weights})
+
+    sha = publish(hub.store, "testbed/linked", src, link=True)
+
+    served = hub.store / "testbed" / "linked" / "commits" / sha / "weights.bin"
+    assert served.stat().st_ino == (src / "weights.bin").stat().st_ino  # the same file, not a copy
+    got = Path(hf_hub_download("testbed/linked", "weights.bin", revision=sha, cache_dir=hf_cache))
+    assert got.read_bytes() == weights
+
+
 # --- errors as the Hub signals them --------------------------------------------------------
 
 
