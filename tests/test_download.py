@@ -532,3 +532,92 @@ def test_the_stream_hasher_withdraws_its_markers_when_the_bytes_received_do_not_
     assert marker.is_file()
     hasher.confirm(received_bytes=2 * 1024 * 1024, missing_bytes=1024 * 1024)  # received twice what was missing
     assert hasher.stats.verified == 0 and not marker.exists()
+
+
+# Run in a fresh interpreter: a cold download_snapshot of argv[1] into the cache argv[2]; prints the files, the
+# growth of RssAnon at its peak (sampled every 10 ms) and whether huggingface_hub's read size is its own again.
+_COLD_SHARDS = r"""
+import sys, threading
+from huggingface_hub import constants
+from lora_prep.tasks.hub.repo import resolve_repo
+from lora_prep.tasks.hub.snapshot import DOWNLOAD_WORKERS, download_snapshot
+from lora_prep.tasks.settings import SourceSettings
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
+
+source = SourceSettings(cache_dir=sys.argv[2])
+facts = resolve_repo(sys.argv[1], "main", source)
+default = constants.DOWNLOAD_CHUNK_SIZE
+before, peak, done = anon(), [0], threading.Event()
+def sample():
+    while not done.wait(0.01):
+        peak[0] = max(peak[0], anon())
+sampler = threading.Thread(target=sample)
+sampler.start()
+snapshot = download_snapshot(facts, source)
+done.set()
+sampler.join()
+shards = sum(f.path.endswith(".safetensors") for f in snapshot.files)
+print(shards, DOWNLOAD_WORKERS, max(peak[0], anon()) - before, int(constants.DOWNLOAD_CHUNK_SIZE == default))
+"""
+
+
+@pytest.mark.slow
+def test_a_cold_download_of_many_shards_holds_little_memory_while_eight_transfers_run(hub, hf_cache, tmp_path):
+    """huggingface_hub reads a body 10 MiB at a time and httpx copies each chunk twice before it is written: ~30 MiB
+    per download thread, +280 MiB at the peak of a cold 0.85 B download in 19 shards, while lora-prep opens its
+    MLflow run beside it. lora-prep's downloads read 2 MiB at a time, and leave huggingface_hub's setting as it was."""
+    import subprocess
+    import sys
+
+    from tests.model_factory import build_big_model_dir
+
+    model = build_big_model_dir(tmp_path / "many-shards", hidden=1024, layers=8, max_shard_size="24MB")
+    hub.publish("testbed/many-shards", model)
+    out = subprocess.run([sys.executable, "-c", _COLD_SHARDS, "testbed/many-shards", str(hf_cache)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    shards, workers, peak_growth, restored = (int(v) for v in out)
+    assert shards >= workers == 8  # every download thread busy with a shard of more than 10 MiB at once
+    assert peak_growth < 128 << 20, f"RssAnon grew {peak_growth >> 20} MiB while {workers} threads downloaded {shards} shards"
+    assert restored == 1
+
+
+def test_the_small_reads_last_until_the_last_concurrent_hub_call_ends_and_leave_a_setting_made_meanwhile():
+    """Two preparations in one process (Prefect runs tasks in threads) call the hub at once: the first to finish
+    must not give huggingface_hub its 10 MiB reads back while the other still downloads, and the last restores
+    what was there before, not what the other one saw when it entered."""
+    from huggingface_hub import constants
+
+    from lora_prep.tasks.hub.cache import DOWNLOAD_READ_BYTES, guarded_hub
+
+    default = constants.DOWNLOAD_CHUNK_SIZE
+    assert default > DOWNLOAD_READ_BYTES
+    entered = [threading.Event(), threading.Event()]
+    leave = [threading.Event(), threading.Event()]
+
+    def preparation(i: int) -> None:
+        with guarded_hub():
+            entered[i].set()
+            assert leave[i].wait(THREAD_TIMEOUT_S)
+
+    threads = [threading.Thread(target=preparation, args=(i,)) for i in (0, 1)]
+    threads[0].start()
+    assert entered[0].wait(THREAD_TIMEOUT_S)
+    threads[1].start()  # enters while the first one holds the small reads
+    assert entered[1].wait(THREAD_TIMEOUT_S)
+    assert constants.DOWNLOAD_CHUNK_SIZE == DOWNLOAD_READ_BYTES
+    leave[0].set()
+    threads[0].join(THREAD_TIMEOUT_S)
+    assert constants.DOWNLOAD_CHUNK_SIZE == DOWNLOAD_READ_BYTES  # the second one still downloads
+    leave[1].set()
+    threads[1].join(THREAD_TIMEOUT_S)
+    assert constants.DOWNLOAD_CHUNK_SIZE == default
+
+    try:
+        with guarded_hub():
+            constants.DOWNLOAD_CHUNK_SIZE = 5 << 20  # the user's own code changes it meanwhile
+        assert constants.DOWNLOAD_CHUNK_SIZE == 5 << 20
+    finally:
+        constants.DOWNLOAD_CHUNK_SIZE = default
