@@ -130,7 +130,7 @@ _guard_users = 0
 # constants.DOWNLOAD_CHUNK_SIZE, is 10 MiB). httpx collects each chunk in a buffer and copies it twice before
 # huggingface_hub writes it, so each of snapshot_download's 8 worker threads holds ~30 MiB at a time: +280 MiB of
 # anonymous memory at a cold download's peak (a 0.85 B model in 19 shards), on top of what runs beside the download
-# (the MLflow run). With 2 MiB reads: +140 MiB less at that peak, and the download no slower (measured: the same
+# (the MLflow run). With 2 MiB reads that peak is ~170 MiB lower and the download no slower (measured: the same
 # download with the MLflow run opening beside it, 4 alternating runs each: peak RssAnon 515-517 MiB against
 # 682-706 MiB; 10.5 s against 10.6 s, medians; 1 MiB reads were slower, 11.6 s, and no smaller, 535 MiB).
 DOWNLOAD_READ_BYTES = 2 << 20
