@@ -603,17 +603,26 @@ def test_the_small_reads_last_until_the_last_concurrent_hub_call_ends_and_leave_
             assert leave[i].wait(THREAD_TIMEOUT_S)
 
     threads = [threading.Thread(target=preparation, args=(i,)) for i in (0, 1)]
-    threads[0].start()
-    assert entered[0].wait(THREAD_TIMEOUT_S)
-    threads[1].start()  # enters while the first one holds the small reads
-    assert entered[1].wait(THREAD_TIMEOUT_S)
-    assert constants.DOWNLOAD_CHUNK_SIZE == DOWNLOAD_READ_BYTES
-    leave[0].set()
-    threads[0].join(THREAD_TIMEOUT_S)
-    assert constants.DOWNLOAD_CHUNK_SIZE == DOWNLOAD_READ_BYTES  # the second one still downloads
-    leave[1].set()
-    threads[1].join(THREAD_TIMEOUT_S)
-    assert constants.DOWNLOAD_CHUNK_SIZE == default
+    try:
+        threads[0].start()
+        assert entered[0].wait(THREAD_TIMEOUT_S)
+        threads[1].start()  # enters while the first one holds the small reads
+        assert entered[1].wait(THREAD_TIMEOUT_S)
+        assert constants.DOWNLOAD_CHUNK_SIZE == DOWNLOAD_READ_BYTES
+        leave[0].set()
+        threads[0].join(THREAD_TIMEOUT_S)
+        assert not threads[0].is_alive()
+        assert constants.DOWNLOAD_CHUNK_SIZE == DOWNLOAD_READ_BYTES  # the second one still downloads
+        leave[1].set()
+        threads[1].join(THREAD_TIMEOUT_S)
+        assert not threads[1].is_alive()
+        assert constants.DOWNLOAD_CHUNK_SIZE == default
+    finally:  # a failed assertion leaves no thread waiting
+        for event in leave:
+            event.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(THREAD_TIMEOUT_S)
 
     try:
         with guarded_hub():
