@@ -979,7 +979,7 @@ def report(bench: Bench, specs: list[ModelSpec], kbit: list[ModelSpec], facts: d
     lines += ["", "## What the forward/backward check costs, by size", "",
               "Δ = the warm-api lora-prep runs against the same runs with `--no-check` (medians). The check runs one "
               "decoder layer of each kind and scores 64 rows of the output head; its budget is one decoder layer plus that "
-              "head slice plus 64 MiB for activations, autograd state and allocator slack at 8 tokens.", "",
+              "head slice plus 64 MiB for activations, autograd state and allocator slack at the check's 4 tokens.", "",
               "| size | check s (manifest) | Δ wall s | Δ peak RSS MiB | Δ anon MiB | Δ file MiB | one layer MiB | head slice MiB | layers run | head rows | within budget |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec in specs:

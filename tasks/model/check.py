@@ -34,7 +34,13 @@ from lora_prep.tasks.errors import InvalidInput, LoraPrepError
 from lora_prep.tasks.records.build import CheckRecord
 
 CHECK_TEXT = "The adapter learns while the base model stays frozen."
-CHECK_TOKENS = 8
+# Tokens through the pass: three next-token positions of a causal loss, attention over several positions. Its time is
+# linear in them, and not small everywhere: on CPUs without native bfloat16 matrix kernels (AVX2 only), torch's
+# backward product grad_output @ weight of a bf16 layer falls back to a scalar loop (one 8 x 8448 by 8448 x 3072
+# product 1.6 s, the forward's 20 ms). Measured there, one 3.4 B layer: 8 tokens 3.6-3.9 s, 4 tokens 1.9 s; a 7 B
+# layer at 8 tokens 8.2 s. What the check catches (a module's forward contract, a non-finite loss, no gradient
+# reaching the adapter) does not need more positions.
+CHECK_TOKENS = 4
 HEAD_ROWS = 64  # vocabulary rows besides the check's own tokens that the sliced head scores
 
 
