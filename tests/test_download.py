@@ -441,9 +441,34 @@ def test_the_stream_hasher_gives_up_when_told_a_transfer_started_over_even_if_it
     assert hasher.stats.verified == 0 and not marker.exists()
 
 
+# Measuring in a fresh interpreter: ``anon()`` is RssAnon now; ``with PeakAnon() as rss:`` samples it every 10 ms
+# while the block runs, and ``rss.growth`` is how far it rose above where it started, at its peak.
+_PEAK_ANON = r"""
+import threading
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
+
+class PeakAnon:
+    def __enter__(self):
+        self.before, self.peak, self.done = anon(), 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample)
+        self.thread.start()
+        return self
+    def sample(self):
+        while not self.done.wait(0.01):
+            self.peak = max(self.peak, anon())
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.growth = max(self.peak, anon()) - self.before
+"""
+
+
 # Run in a fresh interpreter: 16 blobs written at once, as huggingface_hub's download workers write them, each
 # followed by its own hashing thread; prints the followers' verified count and the growth of RssAnon.
-_MANY_FOLLOWERS = r"""
+_MANY_FOLLOWERS = _PEAK_ANON + r"""
 import hashlib, os, sys, threading
 from pathlib import Path
 from lora_prep.tasks.hub.stream import StreamHasher
@@ -460,10 +485,6 @@ for i in range(n):
         h.update(part)
     blobs.append(HubFile(path=f"model-{i:05d}.safetensors", size=size, sha256=h.hexdigest()))
 (storage / "blobs").mkdir(parents=True)
-
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
 
 def opened_twice(path):  # this writer's descriptor and the follower's: the follower has the file
     links = []
@@ -488,22 +509,14 @@ def write(i, blob):
     os.close(fd)
     os.rename(incomplete, storage / "blobs" / blob.sha256)
 
-before, peak, done = anon(), [0], threading.Event()
-def sample():
-    while not done.wait(0.01):
-        peak[0] = max(peak[0], anon())
-sampler = threading.Thread(target=sample)
-sampler.start()
 hasher = StreamHasher(storage, blobs)
-with hasher:
+with PeakAnon() as rss, hasher:
     writers = [threading.Thread(target=write, args=(i, b)) for i, b in enumerate(blobs)]
     for w in writers:
         w.start()
     for w in writers:
         w.join()
-done.set()
-sampler.join()
-print(hasher.stats.verified, max(peak[0], anon()) - before, anon() - before)
+print(hasher.stats.verified, rss.growth, anon() - rss.before)
 """
 
 
@@ -535,32 +548,21 @@ def test_the_stream_hasher_withdraws_its_markers_when_the_bytes_received_do_not_
 
 
 # Run in a fresh interpreter: a cold download_snapshot of argv[1] into the cache argv[2]; prints the files, the
-# growth of RssAnon at its peak (sampled every 10 ms) and whether huggingface_hub's read size is its own again.
-_COLD_SHARDS = r"""
-import sys, threading
+# growth of RssAnon at its peak and whether huggingface_hub's read size is its own again.
+_COLD_SHARDS = _PEAK_ANON + r"""
+import sys
 from huggingface_hub import constants
 from lora_prep.tasks.hub.repo import resolve_repo
 from lora_prep.tasks.hub.snapshot import DOWNLOAD_WORKERS, download_snapshot
 from lora_prep.tasks.settings import SourceSettings
 
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) * 1024
-
 source = SourceSettings(cache_dir=sys.argv[2])
 facts = resolve_repo(sys.argv[1], "main", source)
 default = constants.DOWNLOAD_CHUNK_SIZE
-before, peak, done = anon(), [0], threading.Event()
-def sample():
-    while not done.wait(0.01):
-        peak[0] = max(peak[0], anon())
-sampler = threading.Thread(target=sample)
-sampler.start()
-snapshot = download_snapshot(facts, source)
-done.set()
-sampler.join()
+with PeakAnon() as rss:
+    snapshot = download_snapshot(facts, source)
 shards = sum(f.path.endswith(".safetensors") for f in snapshot.files)
-print(shards, DOWNLOAD_WORKERS, max(peak[0], anon()) - before, int(constants.DOWNLOAD_CHUNK_SIZE == default))
+print(shards, DOWNLOAD_WORKERS, rss.growth, int(constants.DOWNLOAD_CHUNK_SIZE == default))
 """
 
 
