@@ -630,5 +630,10 @@ def test_the_small_reads_last_until_the_last_concurrent_hub_call_ends_and_leave_
         with guarded_hub():
             constants.DOWNLOAD_CHUNK_SIZE = 5 << 20  # the user's own code changes it meanwhile
         assert constants.DOWNLOAD_CHUNK_SIZE == 5 << 20
+        for theirs in (1 << 20, None):  # set before, smaller, or None (httpx: as it arrives): used as it is, and kept
+            constants.DOWNLOAD_CHUNK_SIZE = theirs  # type: ignore[assignment]
+            with guarded_hub():
+                assert constants.DOWNLOAD_CHUNK_SIZE == theirs
+            assert constants.DOWNLOAD_CHUNK_SIZE == theirs
     finally:
         constants.DOWNLOAD_CHUNK_SIZE = default

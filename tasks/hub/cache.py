@@ -164,7 +164,9 @@ def guarded_hub() -> Iterator[None]:
             session.event_hooks = {**hooks, "response": [*hooks["response"], _guard_hook]}
         if _guard_users == 0:
             _chunk_saved = constants.DOWNLOAD_CHUNK_SIZE
-            _chunk_set = constants.DOWNLOAD_CHUNK_SIZE = min(_chunk_saved, DOWNLOAD_READ_BYTES)
+            # Only ever smaller: a size someone set lower, or None (httpx's "as it arrives"), stays as it is.
+            if isinstance(_chunk_saved, int) and _chunk_saved > DOWNLOAD_READ_BYTES:
+                _chunk_set = constants.DOWNLOAD_CHUNK_SIZE = DOWNLOAD_READ_BYTES
         _guard_users += 1
     try:
         yield
@@ -174,7 +176,7 @@ def guarded_hub() -> Iterator[None]:
             if _guard_users == 0:
                 hooks = session.event_hooks
                 session.event_hooks = {**hooks, "response": [h for h in hooks["response"] if h is not _guard_hook]}
-                if constants.DOWNLOAD_CHUNK_SIZE == _chunk_set:
+                if _chunk_set is not None and constants.DOWNLOAD_CHUNK_SIZE == _chunk_set:
                     constants.DOWNLOAD_CHUNK_SIZE = _chunk_saved
                 _chunk_set = None
 
