@@ -66,6 +66,7 @@ SAMPLE_S = 0.05
 # Before each run: wait until the rest of the machine uses under QUIET_CORES (the machine is shared).
 QUIET_CORES = 0.3
 QUIET_MAX_WAIT_S = 300
+DISK_MARGIN = 8 * 10**9  # the two MLflow stores keep every run's adapter (4.2 GB after a sweep to 7 B), and the outputs
 RETRIES = 2  # a run that saw more than QUIET_CORES of other load is run again, at most this often
 
 
@@ -498,6 +499,14 @@ class Bench:
 
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
+        # One size's HF cache at a time, plus the stores' adapter copies and the outputs: refused now, with the
+        # numbers, rather than after half an hour of runs.
+        need = max(self.facts[s.name]["weight_bytes"] for s in specs) + DISK_MARGIN
+        free = shutil.disk_usage(self.work).free
+        if free < need:
+            raise SystemExit(f"bench: needs {need / 1e9:.1f} GB free under {self.work} (the largest size's weights once, "
+                             f"plus {DISK_MARGIN / 1e9:.0f} GB for stores and outputs), only {free / 1e9:.1f} GB is: "
+                             "free some space, or run fewer sizes (--sizes)")
         self.hub = HubServer(CACHE / "store").start()
         for spec in specs:
             # Each size as the root commit of its repo: the same files give the same sha on every run, so a
@@ -537,18 +546,6 @@ class Bench:
             self.one("warm-up", "lora-prep", 0, spec, self.env(ph_warm, warm, True), record=False)
             self.one("warm-up", "lora-prep", 1, spec, self.env(ph_warm, warm, True), record=False)
 
-            if "cold-api" not in skip:
-                print("cold-api: fresh HF cache per run, running Prefect server", flush=True)
-                ph = w / "prefect-home-cold-api"
-
-                def cold_env(i: int, _ph: Path = ph) -> dict[str, str]:
-                    cache = w / "hf-cold"
-                    shutil.rmtree(cache, ignore_errors=True)  # every run starts from an empty cache
-                    return self.env(_ph, cache, True)
-
-                self.alternate("cold-api", spec, cold_env, [("bare", ()), ("lora-prep", ())])
-                shutil.rmtree(w / "hf-cold", ignore_errors=True)
-
             if "warm-api" not in skip:
                 print("warm-api: warm HF cache, running Prefect server", flush=True)
                 self.alternate("warm-api", spec, lambda i, _c=warm: self.env(ph_warm, _c, True),
@@ -573,7 +570,21 @@ class Bench:
 
             if profile and spec == largest:
                 self.profile(spec, self.env(ph_warm, warm, True))
-            shutil.rmtree(warm, ignore_errors=True)  # disk: the next size's cache takes its place
+            # Disk: the cold runs come last, once the warm cache is gone, so a size never needs two copies of its
+            # weights beside the store (at 7 B that was 25 GB, and a disk with 21 GB free failed halfway).
+            shutil.rmtree(warm, ignore_errors=True)
+
+            if "cold-api" not in skip:
+                print("cold-api: fresh HF cache per run, running Prefect server", flush=True)
+                ph = w / "prefect-home-cold-api"
+
+                def cold_env(i: int, _ph: Path = ph) -> dict[str, str]:
+                    cache = w / "hf-cold"
+                    shutil.rmtree(cache, ignore_errors=True)  # every run starts from an empty cache
+                    return self.env(_ph, cache, True)
+
+                self.alternate("cold-api", spec, cold_env, [("bare", ()), ("lora-prep", ())])
+                shutil.rmtree(w / "hf-cold", ignore_errors=True)
 
         if "kbit" not in skip:
             self.kbit(kbit, self.env(ph_warm, w / "hf-kbit", True))
