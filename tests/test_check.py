@@ -77,3 +77,100 @@ def test_a_head_trained_in_full_is_run_whole(tokenizer):
     model, _ = wrap_lora(_model("llama", 2), LoraSettings(r=4, modules_to_save=["lm_head"]))
     record = run_check(model, tokenizer)
     assert record.head_rows is None and record.layers == 1
+
+
+def _routed_nodes(loss) -> dict[str, int]:
+    """How many nodes of the loss's autograd graph are each of the check's own products."""
+    from collections import Counter
+
+    seen, stack, count = set(), [loss.grad_fn], Counter()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for kind in ("RowBackwardLinear", "ExpertwiseFold"):
+            count[kind] += kind in type(node).__name__
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return dict(count)
+
+
+def _adapter_gradients(model, ids, routed: bool):
+    import contextlib
+
+    from lora_prep.tasks.model.check import half_precision_products
+
+    with half_precision_products() if routed else contextlib.nullcontext():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads, _routed_nodes(loss)
+
+
+@pytest.mark.parametrize(("arch", "folds"), [("llama", 0), ("qwen3_moe", 2), ("deepseek_v3", 2)])
+def test_the_checks_products_with_frozen_bf16_weights_give_the_adapter_torchs_gradients(tokenizer, arch, folds):
+    # On CPUs without native bf16 matrix kernels torch's grad_output @ weight, and PEFT's fold of LoRA into an
+    # expert stack (baddbmm), are scalar loops: seconds per layer of a 7 B model, a minute and a half for a layer of
+    # 128 experts. The check computes them another way (rows, one expert at a time in float32); the adapter must get
+    # the gradients it gets from torch's own products, up to rounding.
+    cfg = _config(arch, torch.bfloat16)
+    cfg.num_hidden_layers = 2
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model, _ = wrap_lora(base, LoraSettings(r=4, init_lora_weights=False))
+    model.eval()
+    ids = torch.tensor([[5, 17, 42, 7]])
+    plain, plain_nodes = _adapter_gradients(model, ids, routed=False)
+    routed, routed_nodes = _adapter_gradients(model, ids, routed=True)
+    assert plain_nodes == {"RowBackwardLinear": 0, "ExpertwiseFold": 0}
+    # every frozen linear whose input needs a gradient (o_proj and the dense MLP of each layer at least) goes by rows;
+    # each LoRA'd expert stack (gate_up and down of each MoE layer) is folded expert by expert
+    assert routed_nodes["RowBackwardLinear"] >= 2 * cfg.num_hidden_layers
+    assert routed_nodes["ExpertwiseFold"] >= folds
+    assert plain.keys() == routed.keys() and plain
+    for name, grad in plain.items():
+        scale = grad.norm().item()
+        assert scale > 0, name
+        assert (routed[name] - grad).norm().item() <= 0.02 * scale, name
+    record = run_check(model, tokenizer)
+    assert record.backward and record.loss > 0
+
+
+def test_float32_and_trained_weights_keep_torchs_own_products(tokenizer):
+    model, _ = wrap_lora(_model("llama", 2), LoraSettings(r=4, init_lora_weights=False))
+    _, nodes = _adapter_gradients(model, torch.tensor([[5, 17, 42, 7]]), routed=True)
+    assert nodes == {"RowBackwardLinear": 0, "ExpertwiseFold": 0}  # float32: torch's kernels are fast as they are
+    layer = torch.nn.Linear(8, 8, dtype=torch.bfloat16)  # a weight that trains gets its own gradient from torch
+    from lora_prep.tasks.model.check import half_precision_products
+
+    with half_precision_products():
+        out = layer(torch.randn(2, 8, dtype=torch.bfloat16, requires_grad=True)).sum()
+    out.backward()
+    assert _routed_nodes(out) == {"RowBackwardLinear": 0, "ExpertwiseFold": 0} and layer.weight.grad is not None
+
+
+def test_only_the_thread_that_runs_the_check_has_its_products():
+    # The check runs beside other threads of the same process (MLflow's, a user's own): the routing is a
+    # thread-local torch-function mode, so a bf16 product another thread takes meanwhile is torch's own.
+    import threading
+
+    from lora_prep.tasks.model.check import half_precision_products
+
+    layer = torch.nn.Linear(8, 8, dtype=torch.bfloat16).requires_grad_(False)
+    inside, entered, other = threading.Event(), threading.Event(), {}
+
+    def elsewhere():
+        assert entered.wait(30)
+        other["out"] = layer(torch.randn(2, 8, dtype=torch.bfloat16, requires_grad=True)).sum()
+        inside.set()
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    with half_precision_products():
+        mine = layer(torch.randn(2, 8, dtype=torch.bfloat16, requires_grad=True)).sum()
+        entered.set()
+        assert inside.wait(30)  # the other thread's product is taken while the mode is on here
+    thread.join(30)
+    assert _routed_nodes(mine)["RowBackwardLinear"] == 1
+    assert _routed_nodes(other["out"])["RowBackwardLinear"] == 0

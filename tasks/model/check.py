@@ -34,14 +34,13 @@ from lora_prep.tasks.errors import InvalidInput, LoraPrepError
 from lora_prep.tasks.records.build import CheckRecord
 
 CHECK_TEXT = "The adapter learns while the base model stays frozen."
-# Tokens through the pass: three next-token positions of a causal loss, attention over several positions. Its time is
-# linear in them, and not small everywhere: on CPUs without native bfloat16 matrix kernels (AVX2 only), torch's
-# backward product grad_output @ weight of a bf16 layer falls back to a scalar loop (one 8 x 8448 by 8448 x 3072
-# product 1.6 s, the forward's 20 ms). Measured there, one 3.4 B layer: 8 tokens 3.6-3.9 s, 4 tokens 1.9 s; a 7 B
-# layer at 8 tokens 8.2 s. What the check catches (a module's forward contract, a non-finite loss, no gradient
-# reaching the adapter) does not need more positions.
+# Tokens through the pass: three next-token positions of a causal loss, attention over several positions; what the
+# check catches (a module's forward contract, a non-finite loss, no gradient reaching the adapter) does not need more.
+# Its time is linear in them (the backward below goes row by row).
 CHECK_TOKENS = 4
 HEAD_ROWS = 64  # vocabulary rows besides the check's own tokens that the sliced head scores
+# Inputs of at most this many rows (tokens) take the row-by-row backward of half_precision_products.
+ROW_BACKWARD_MAX_ROWS = 64
 
 
 def _ids(tokenizer: Any, device: Any) -> Any:
@@ -135,6 +134,135 @@ def sliced_head(model: Any, ids: Any) -> Iterator[Callable[[Any], Any] | None]:
         base.set_output_embeddings(head)
 
 
+# --- products with frozen half-precision weights that are not scalar loops -----------------------------
+
+
+def half_precision_products() -> Any:
+    """A torch-function mode for the check's pass on CPU: two products with frozen bf16/fp16 weights that torch
+    computes in a scalar loop on CPUs without native half-precision matrix kernels (AVX2 only) are computed
+    another way, with the same numbers up to rounding.
+
+    - The input gradient of ``F.linear`` (grad_output @ weight): measured on 2 AVX2 cores, 8 x 11008 by
+      11008 x 4096 in bf16 takes 1.28 s, the forward's product 17 ms. As matrix-vector products, one per
+      token (the check has a handful), it takes 41 ms: a handful of passes over a weight the forward has
+      already read. For nn.Linear layers, LoRA's base layers, experts that call F.linear on a stacked weight.
+    - ``torch.baddbmm(weight, lhs, rhs)`` of a frozen stacked expert weight, forward and backward: PEFT folds
+      LoRA on an expert stack into the weight that way (W + scaling * lhs @ rhs over all experts). One layer of
+      128 experts of 1536 x 2048 (a Qwen3-30B-A3B layer) took 38 s forward and 49 s backward; here each expert's
+      low-rank product is taken in float32, one expert at a time (a float32 copy of one expert, not of the stack).
+
+    Anything else (weights that train, quantized weights, tensor subclasses, GPU tensors, more rows than a check
+    has) runs as torch runs it. Torch-function modes are thread-local: only the thread that runs the check sees it.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    linear, baddbmm = torch.nn.functional.linear, torch.baddbmm
+    plain = (torch.Tensor, torch.nn.Parameter)
+    half = (torch.bfloat16, torch.float16)
+
+    class RowBackwardLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, bias: Any) -> Any:
+            ctx.save_for_backward(weight)  # the frozen weight itself, not a copy
+            ctx.has_bias = bias is not None
+            return linear(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            (weight,) = ctx.saved_tensors
+            rows = grad.reshape(-1, grad.shape[-1])
+            grad_input = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                transposed = weight.t()
+                grad_input = torch.stack([torch.mv(transposed, row) for row in rows])
+                grad_input = grad_input.reshape(*grad.shape[:-1], weight.shape[1])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = rows.sum(0)
+            return grad_input, None, grad_bias
+
+    class ExpertwiseFold(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, weight: Any, lhs: Any, rhs: Any, alpha: float) -> Any:
+            ctx.save_for_backward(lhs, rhs)
+            ctx.alpha = alpha
+            out = torch.empty_like(weight)
+            for e in range(weight.shape[0]):
+                out[e] = torch.addmm(weight[e].float(), lhs[e].float(), rhs[e].float(), alpha=alpha)
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            lhs, rhs = ctx.saved_tensors
+            grad_lhs = torch.empty_like(lhs) if ctx.needs_input_grad[1] else None
+            grad_rhs = torch.empty_like(rhs) if ctx.needs_input_grad[2] else None
+            for e in range(grad.shape[0]):
+                g = grad[e].float()
+                if grad_lhs is not None:
+                    grad_lhs[e] = torch.mm(g, rhs[e].float().t()).mul_(ctx.alpha)
+                if grad_rhs is not None:
+                    grad_rhs[e] = torch.mm(lhs[e].float().t(), g).mul_(ctx.alpha)
+            return None, grad_lhs, grad_rhs, None
+
+    def frozen_half(weight: Any, dims: int) -> bool:
+        return (
+            type(weight) in plain
+            and not weight.requires_grad
+            and weight.dim() == dims
+            and weight.device.type == "cpu"
+            and weight.dtype in half
+        )
+
+    def linear_by_rows(args: Any, kwargs: Any) -> Any:
+        bound: dict[str, Any] = dict(zip(("input", "weight", "bias"), args, strict=False), **kwargs)
+        x: Any = bound.get("input")
+        weight: Any = bound.get("weight")
+        bias: Any = bound.get("bias")
+        if not (
+            len(args) <= 3
+            and set(bound) <= {"input", "weight", "bias"}
+            and type(x) is torch.Tensor
+            and x.requires_grad
+            and x.dim() >= 1
+            and frozen_half(weight, 2)
+            and x.dtype == weight.dtype
+            and x.numel() // max(x.shape[-1], 1) <= ROW_BACKWARD_MAX_ROWS
+            and (bias is None or type(bias) in plain)
+        ):
+            return None
+        return RowBackwardLinear.apply(x, weight, bias)
+
+    def fold_by_expert(args: Any, kwargs: Any) -> Any:
+        bound: dict[str, Any] = dict(zip(("input", "batch1", "batch2"), args, strict=False), **kwargs)
+        weight: Any = bound.get("input")
+        lhs: Any = bound.get("batch1")
+        rhs: Any = bound.get("batch2")
+        alpha = bound.get("alpha", 1)
+        if not (
+            set(bound) <= {"input", "batch1", "batch2", "alpha"}
+            and len(args) <= 3
+            and isinstance(alpha, (int, float))
+            and frozen_half(weight, 3)
+            and all(type(t) is torch.Tensor and t.dtype == weight.dtype and t.device == weight.device for t in (lhs, rhs))
+        ):
+            return None
+        return ExpertwiseFold.apply(weight, lhs, rhs, float(alpha))
+
+    routes = {linear: linear_by_rows, baddbmm: fold_by_expert}
+
+    class HalfPrecisionProducts(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            route = routes.get(func)
+            if route is not None and torch.is_grad_enabled():
+                out = route(args, kwargs)
+                if out is not None:
+                    return out
+            return func(*args, **kwargs)
+
+    return HalfPrecisionProducts()
+
+
 # --- the pass ------------------------------------------------------------------------------------
 
 
@@ -181,14 +309,15 @@ def _one_pass(peft_model: Any, ids: Any, backward: bool, columns: Callable[[Any]
             handles.append(module.register_forward_pre_hook(_entering(in_flight, short)))
             handles.append(module.register_forward_hook(_leaving(in_flight)))
     try:
-        loss = _loss(peft_model, ids, columns)
-        if loss is None or not math.isfinite(float(loss.detach())):
-            raise LoraPrepError(
-                f"the LoRA-wrapped model gives a non-finite loss ({loss}) on {ids.shape[1]} tokens: "
-                "the base weights or the load dtype are broken; try load.dtype=float32."
-            )
-        if backward:
-            loss.backward()
+        with half_precision_products():
+            loss = _loss(peft_model, ids, columns)
+            if loss is None or not math.isfinite(float(loss.detach())):
+                raise LoraPrepError(
+                    f"the LoRA-wrapped model gives a non-finite loss ({loss}) on {ids.shape[1]} tokens: "
+                    "the base weights or the load dtype are broken; try load.dtype=float32."
+                )
+            if backward:
+                loss.backward()
             if not any(p.grad is not None for p in peft_model.parameters() if p.requires_grad):
                 raise LoraPrepError(
                     "the backward pass gave no gradient to any trainable parameter: the adapter would not train; "
