@@ -43,6 +43,27 @@ def test_the_default_store_keeps_database_and_artifacts_in_the_per_user_director
     assert run.info.status == "FINISHED" and run.data.params["commit_sha"] == "a" * 40
 
 
+@pytest.mark.parametrize("form", ["absolute", "relative"])
+def test_a_sqlite_store_keeps_its_artifacts_next_to_its_database(tmp_path, monkeypatch, form):
+    # sqlite:////srv/db/m.db (absolute) and sqlite:///db/m.db (relative to the working directory) are how SQLAlchemy
+    # and MLflow name a database file; the run's artifacts belong beside it, in db/mlartifacts, and nowhere else.
+    from mlflow.tracking import MlflowClient
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    store = cwd / "db"
+    uri = f"sqlite:///{store / 'mlflow.db'}" if form == "absolute" else "sqlite:///db/mlflow.db"
+
+    result = log_artifact_run(_artifact(tmp_path / "artifacts"), TrackingSettings(tracking_uri=uri), {"prefect.flow_run_id": "f-2"}, {})
+
+    assert (store / "mlflow.db").is_file()
+    assert len(list((store / "mlartifacts").rglob("adapter_model.safetensors"))) == 2  # the run's and its logged model's
+    assert MlflowClient(uri).get_run(result.run_id).info.artifact_uri.startswith((store / "mlartifacts").as_uri() + "/")
+    # where a URL parser would have put them: the first directory of the path taken for a host name, or the root
+    assert not Path("/", *store.parts[2:]).exists() and not Path("/db").exists()
+
+
 def test_logging_the_same_flow_run_twice_reuses_its_run_and_records_it_in_the_manifest(tmp_path, mlflow_uri):
     art = _artifact(tmp_path / "artifacts")
     tags = {"prefect.flow_run_id": "flow-run-42"}

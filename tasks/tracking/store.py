@@ -74,9 +74,20 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, absolute, as SQLAlchemy (and so MLflow) opens it: what follows
+    ``sqlite:///`` is the path, absolute when it starts with ``/`` (``sqlite:////srv/m.db``), else relative to the
+    working directory (``sqlite:///m.db``); percent-escapes decoded, a ``?query`` not part of it. None for other
+    URIs and for an in-memory database. (urlparse reads the path of ``sqlite:////srv/db/m.db`` as ``//srv/db/m.db``,
+    whose file: URI names a host ``srv``: MLflow put the artifacts under ``/db/mlartifacts``, outside the store's
+    directory; and it reads ``sqlite:///m.db`` as ``/m.db``, at the root.)"""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(urllib.parse.urlparse(uri).path)
+    database = urllib.parse.unquote(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if database in ("", ":memory:"):
+        return None
+    if database.startswith("/"):
+        return Path("/" + database.lstrip("/"))
+    return Path.cwd() / database
 
 
 def sqlite_artifact_root(uri: str) -> str | None:
