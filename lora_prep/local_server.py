@@ -10,7 +10,8 @@ measured here) and several at once contend for one SQLite database. Instead the 
 - the server is Prefect's own app (``prefect.server.api.server.create_app``, the database under
   PREFECT_HOME as the ephemeral server would use, so the UI keeps the run history) in uvicorn,
   plus a watchdog that stops it once no lora-prep run has used it for ``IDLE_TIMEOUT_S`` and no
-  flow run is Running or Pending.
+  flow run is Running or Pending, or as soon as nothing runs on it once the state file no longer names it.
+  The state file names a server from the moment it is started, so a CLI killed during the start leaks none.
 
 See and stop it: ``lora-prep server status`` / ``lora-prep server stop``. Measured here
 (2026-12): a warm start takes ~4 s, a cold one (migrations) ~13 s; a run against a running
@@ -85,7 +86,7 @@ def ensure() -> str:
     with FileLock(str(lock_file), timeout=START_TIMEOUT_S + 30):
         state = _read_state()
         if state and _healthy(state["url"]):
-            _touch(state)
+            _touch({k: v for k, v in state.items() if k != "starting"})
             return state["url"]
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"
@@ -99,10 +100,15 @@ def ensure() -> str:
                 # Our server: no telemetry banner on the user's console, nothing sent home from it.
                 env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
             )
+        # Recorded before the wait: a CLI killed while the server starts (seconds) leaves a server that the next
+        # run reuses and `lora-prep server stop` finds, not one nobody knows of.
+        started = {"url": url, "pid": process.pid, "started": time.time(), "prefect_home": str(prefect_home())}
+        _touch({**started, "starting": True})
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
+                state_file.unlink(missing_ok=True)
                 tail = log_file.read_text(errors="replace")[-600:].strip().splitlines()[-1:] or ["no output"]
                 from lora_prep.tasks.errors import OrchestratorUnavailable
 
@@ -111,7 +117,7 @@ def ensure() -> str:
                     "or run against a server of your own with PREFECT_API_URL."
                 )
             time.sleep(0.25)
-        _touch({"url": url, "pid": process.pid, "started": time.time(), "prefect_home": str(prefect_home())})
+        _touch(started)
         return url
 
 
@@ -160,22 +166,27 @@ def _busy(url: str) -> bool:
         return True  # cannot tell: keep running
 
 
-def _watchdog(server: Any, url: str, idle_timeout: float) -> None:
+def _watchdog(server: Any, url: str, idle_timeout: float, check_every: float) -> None:
     while not server.should_exit:
-        time.sleep(_CHECK_EVERY_S)
+        time.sleep(check_every)
         state = _read_state() or {}
-        if state.get("url") != url:  # another server took over the state file (stale start)
+        if state.get("url") != url:
+            # No longer the recorded server (another took over after this one stopped answering, or the record is
+            # gone): no run will find it again, so it stops once nothing runs on it instead of living on unseen.
+            if not _busy(url):
+                server.should_exit = True
             continue
         if time.time() - state.get("last_used", time.time()) > idle_timeout and not _busy(url):
             server.should_exit = True
 
 
-def serve(port: int, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+def serve(port: int, idle_timeout: float = IDLE_TIMEOUT_S, check_every: float = _CHECK_EVERY_S) -> None:
     import uvicorn
     from prefect.server.api.server import create_app
 
     server = uvicorn.Server(uvicorn.Config(create_app(final=True), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    threading.Thread(target=_watchdog, args=(server, f"http://127.0.0.1:{port}/api", idle_timeout), daemon=True).start()
+    url = f"http://127.0.0.1:{port}/api"
+    threading.Thread(target=_watchdog, args=(server, url, idle_timeout, check_every), daemon=True).start()
     server.run()
 
 
@@ -183,5 +194,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="lora-prep's shared local Prefect server (started by the CLI)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S)
+    parser.add_argument("--check-every", type=float, default=_CHECK_EVERY_S, help="seconds between the watchdog's checks")
     args = parser.parse_args()
-    serve(args.port, args.idle_timeout)
+    serve(args.port, args.idle_timeout, args.check_every)

@@ -205,3 +205,76 @@ def test_a_preparation_killed_before_its_mlflow_run_exists_leaves_no_flow_run_ru
     assert after["state"]["type"] == "CRASHED" and "is gone" in after["state"]["message"]
     (this,) = _flow_runs_tagged(prefect_harness, f"lora-prep.pid:{second.pid}")
     assert this["state"]["type"] == "COMPLETED"
+
+
+# --- the embedded default's shared local server -------------------------------------------------------------------
+
+
+def _local_server_children(process: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        return [p for p in psutil.Process(process.pid).children() if "lora_prep.local_server" in " ".join(p.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def _gone(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_cli_killed_while_it_starts_the_local_server_leaves_a_server_the_next_run_finds(tmp_path, monkeypatch):
+    # The CLI starts the shared server and waits seconds for it to answer; killed in that window, it used to leave a
+    # server that no state file named: never reused, never stopped by `lora-prep server stop`, never idle-stopped.
+    from lora_prep import local_server
+
+    home = tmp_path / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    cli = subprocess.Popen([sys.executable, "-c", "from lora_prep import local_server; print(local_server.ensure())"],
+                           env=child_env({"PREFECT_HOME": str(home)}), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    servers: list = []
+    try:
+        _wait(lambda: bool(servers.extend(_local_server_children(cli)) or servers), "the CLI to start the server", 60, cli)
+        os.killpg(cli.pid, signal.SIGKILL)  # the server imports Prefect for seconds before it answers: killed before
+        cli.wait(timeout=30)
+        recorded = local_server.status()
+        assert recorded.get("pid") == servers[0].pid and not recorded["running"]
+        _wait(lambda: local_server.status()["running"], "the orphaned server to answer", 180)
+        assert local_server.ensure() == recorded["url"]  # the next run reuses it: no second server
+        assert local_server.stop()
+        _wait(lambda: _gone(servers[0]), "the server to stop", 30)
+    finally:
+        if cli.poll() is None:
+            _kill(cli)
+        for server in servers:
+            if not _gone(server):
+                server.kill()
+
+
+def test_a_local_server_no_state_file_names_stops_itself(tmp_path):
+    # Another server took over the record (this one stopped answering for a while), or the record was removed: no run
+    # finds this one again, so it stops once nothing runs on it, instead of idling for the hour a recorded one waits.
+    from lora_prep.local_server import _free_port
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "lora-prep-server.json").write_text(json.dumps({"url": "http://127.0.0.1:9/api", "pid": 1, "last_used": time.time()}))
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lora_prep.local_server", "--port", str(port), "--check-every", "1"],
+                              env=child_env({"PREFECT_HOME": str(home)}), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from lora_prep.local_server import _healthy
+
+        _wait(lambda: server.poll() is not None or _healthy(f"http://127.0.0.1:{port}/api"), "the server to answer", 180)
+        assert server.wait(timeout=60) == 0  # stopped by itself, cleanly (a crash at start would not be 0)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
