@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -1153,6 +1154,9 @@ def main(argv: list[str] | None = None) -> int:
     facts = {name: model_facts(d) for name, d in dirs.items()}
     for name, f in facts.items():
         print(f"{name}: {f['params']:,} params, {f['weight_bytes'] / 1e9:.2f} GB in {f['shards']} file(s)", flush=True)
+    # A SIGTERM (kill, `timeout`, a CI job cancelled) ends the benchmark through the finally below, which stops
+    # the Prefect server and the hub it started: without this the process died with them still running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     bench = Bench(args.runs)
     bench.version_start = product_version()
     bench.facts = facts
