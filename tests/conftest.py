@@ -6,6 +6,7 @@ imported, and huggingface_hub reads them once, at its own import.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -130,6 +131,9 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: HubServer) ->
 # set before prefect is imported. MLflow stores are per test: a SQLite file in tmp_path.
 
 _PREFECT_HOME = Path(tempfile.mkdtemp(prefix="lora-prep-prefect-"))
+# Removed when this process exits (each xdist worker has its own): registered before prefect is
+# imported, so it runs after Prefect's own exit handlers, which may still write under PREFECT_HOME.
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ["PREFECT_HOME"] = str(_PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # No MLflow client knobs here (MLFLOW_HTTP_REQUEST_*): the suite runs with the user's defaults,

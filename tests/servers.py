@@ -319,11 +319,17 @@ def start_worker_as(
     prefix must exec the worker, so that the handle's pid is the worker's."""
     import json
 
+    # The worker's temporary directories (a process worker's working directory per flow run, its
+    # supervisor's files) go under the test's directory: a test that kills a worker leaves them there,
+    # not in the system's /tmp.
+    worker_tmp = Path(tmp) / "worker-tmp" / name
+    worker_tmp.mkdir(parents=True, exist_ok=True)
     worker_env = child_env({
         **prefect.env,
         # Poll every second instead of every 10 s: a test waits on each pickup.
         "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds),
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+        "TMPDIR": str(worker_tmp),
         **(env or {}),
     })
     argv = [*(wrap or []), str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name, *(args or [])]

@@ -4,10 +4,14 @@ real MLflow SQLite stores, real tiny models. No stage is mocked."""
 from __future__ import annotations
 
 import json
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from lora_prep.tasks.common.paths import fetched_references_dir
 from lora_prep.tasks.records.manifest import read_manifest
 from lora_prep.tasks.settings import (
     LoadSettings,
@@ -143,12 +147,56 @@ def test_registered_artifact_loads_back_through_a_models_uri(hub, hf_cache, mlfl
     )
     assert result.model_uri == "models:/tiny-llama-lora@candidate"
 
+    temp_before = set(Path(tempfile.gettempdir()).iterdir())
     ready = load_adapter_ready(result.model_uri, tracking_uri=mlflow_uri, source=SourceSettings(cache_dir=str(hf_cache)))
     local = load_adapter_ready(result.artifact_dir, source=SourceSettings(cache_dir=str(hf_cache)))
     assert ready.manifest.base_model.commit_sha == result.commit_sha
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.equal(ready.model(ids).logits, local.model(ids).logits)
+
+    # The fetched copy lives under lora-prep's home, not the system's temporary directory, and a
+    # second load of the same reference reads it instead of downloading another.
+    assert ready.artifact_dir.parent == fetched_references_dir()
+    assert not [p.name for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if "lora-prep" in p.name]
+    (ready.artifact_dir / "fetched-once").write_text("")
+    again = load_adapter_ready(result.model_uri, tracking_uri=mlflow_uri, source=SourceSettings(cache_dir=str(hf_cache)))
+    assert again.artifact_dir == ready.artifact_dir and (again.artifact_dir / "fetched-once").is_file()
+
+
+def test_two_loads_of_one_reference_at_once_keep_one_complete_copy_and_a_reference_without_a_manifest_is_refused(
+    hub, hf_cache, mlflow_uri, tmp_path, monkeypatch,
+):
+    from mlflow.tracking import MlflowClient
+
+    from lora_prep.tasks.errors import InvalidInput
+    from lora_prep.tasks.tracking import registry
+
+    result = _prepare("tiny/llama", hf_cache, mlflow_uri, tmp_path / "out")
+    ref = f"runs:/{result.mlflow_run_id}"
+    root = tmp_path / "references"
+
+    # Both loads finish their download before either moves it into place: the second must keep the
+    # first one's copy, return the same directory and leave no partial download behind.
+    both_downloaded = threading.Barrier(2, timeout=120)
+    monkeypatch.setattr(registry, "_before_publish", lambda copy: both_downloaded.wait())
+    with ThreadPoolExecutor(2) as pool:
+        fetched = list(pool.map(lambda _: registry.fetch_reference(ref, root, mlflow_uri), range(2)))
+    assert fetched[0] == fetched[1]
+    assert [p.name for p in root.iterdir()] == [fetched[0].name]
+    assert read_manifest(fetched[0]).base_model.commit_sha == result.commit_sha
+    adapter = {f.path: f.size for f in read_manifest(fetched[0]).adapter.files}
+    assert adapter and all((fetched[0] / "adapter" / Path(path).name).stat().st_size == size for path, size in adapter.items())
+
+    monkeypatch.setattr(registry, "_before_publish", lambda copy: None)
+    client = MlflowClient(mlflow_uri)
+    other = client.create_run(client.get_experiment_by_name("lora-prep").experiment_id)
+    (tmp_path / "notes.txt").write_text("not an artifact")
+    client.log_artifact(other.info.run_id, str(tmp_path / "notes.txt"), "artifact")
+    client.set_terminated(other.info.run_id)
+    with pytest.raises(InvalidInput, match="no manifest.json"):
+        registry.fetch_reference(f"runs:/{other.info.run_id}", root, mlflow_uri)
+    assert [p.name for p in root.iterdir()] == [fetched[0].name]
 
 
 def test_mlflow_unreachable_keeps_the_artifact_and_says_how_to_log_it_later(hub, hf_cache, tmp_path):

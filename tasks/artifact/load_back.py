@@ -16,7 +16,6 @@ and the adapter is attached.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +63,10 @@ class AdapterReady:
 
 def _local_dir(ref: str, tracking_uri: str | None) -> Path:
     if ref.startswith(("runs:/", "models:/")):
-        from lora_prep.tasks.tracking.registry import download_reference
+        from lora_prep.tasks.common.paths import fetched_references_dir
+        from lora_prep.tasks.tracking.registry import fetch_reference
 
-        return download_reference(ref, Path(tempfile.mkdtemp(prefix="lora-prep-ref-")), tracking_uri)
+        return fetch_reference(ref, fetched_references_dir(), tracking_uri)
     path = Path(ref).expanduser()
     if not path.is_dir():
         raise InvalidInput(

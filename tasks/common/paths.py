@@ -4,6 +4,7 @@ LORA_PREP_HOME, else $XDG_DATA_HOME/lora-prep, else ~/.local/share/lora-prep:
   mlflow.db       MLflow tracking store (SQLite)
   mlartifacts/    MLflow run artifacts (next to the database, not ./mlruns)
   artifacts/      adapter-ready model artifacts, one directory each
+  references/     artifacts fetched from MLflow (runs:/, models:/) to load back, one per location
 Read at call time, not import time, so tests and users can redirect them.
 """
 
@@ -30,3 +31,7 @@ def default_tracking_uri() -> str:
 
 def default_mlflow_artifact_root() -> Path:
     return data_home() / "mlartifacts"
+
+
+def fetched_references_dir() -> Path:
+    return data_home() / "references"

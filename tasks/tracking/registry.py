@@ -1,15 +1,19 @@
 """The MLflow Model Registry and references: register an artifact's logged model, fetch any reference back.
 
 ``register`` makes a version whose source is ``models:/<logged model id>`` (what the UI links to
-the logged model). ``download_reference`` resolves ``runs:/<id>[/path]``, ``models:/<name>@<alias>``,
+the logged model). ``fetch_reference`` resolves ``runs:/<id>[/path]``, ``models:/<name>@<alias>``,
 ``models:/<name>/<version>`` and ``models:/<model id>`` with our own client and downloads the
-artifact directory.
+artifact directory once, under lora-prep's own home.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +75,20 @@ def _reference_location(mlflow: Any, ref: str) -> str:
     return _reference_location(mlflow, source) if source.startswith(("models:/", "runs:/")) else source
 
 
-def download_reference(ref: str, dst: Path, tracking_uri: str | None = None) -> Path:
-    """Fetch a runs:/ or models:/ reference into dst and return the artifact directory in it."""
+def _before_publish(copy: Path) -> None:
+    """Called with a finished download before it is moved into place (a hook for tests: two loads at once)."""
+
+
+def fetch_reference(ref: str, root: Path, tracking_uri: str | None = None) -> Path:
+    """Fetch a runs:/ or models:/ reference under ``root`` and return its artifact directory.
+
+    One copy per artifact location (a run's artifact directory, a registry version's source: what an
+    alias points to is resolved first, so a moved alias fetches the new version): a later load of the
+    same location reads the copy instead of downloading it again, and nothing is left in the system's
+    temporary directory. The download goes to a hidden sibling and is renamed into place only when it
+    holds a manifest, so a copy that exists is complete; two loads at once both download and the
+    second keeps the first one's copy.
+    """
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import (
         get_artifact_repository,
@@ -83,9 +99,28 @@ def download_reference(ref: str, dst: Path, tracking_uri: str | None = None) -> 
         with mlflow_errors(uri):
             mlflow = client(uri)
             location = _reference_location(mlflow, ref)
-            local = get_artifact_repository(location, tracking_uri=uri).download_artifacts("", dst_path=str(dst))
+            final = root / hashlib.sha256(f"{uri}\n{location}".encode()).hexdigest()[:16]
+            if (final / "manifest.json").is_file():
+                return final
+            root.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f".{final.name}-", suffix=".partial", dir=root))
+            try:
+                local = Path(get_artifact_repository(location, tracking_uri=uri).download_artifacts("", dst_path=str(partial)))
+                if not (local / "manifest.json").is_file():
+                    raise InvalidInput(
+                        f"{ref} holds no lora-prep artifact (no manifest.json at {location}); "
+                        "pass the run or model that 'lora-prep prepare' logged, or log it with 'lora-prep log'."
+                    )
+                _before_publish(local)
+                try:
+                    os.rename(local, final)
+                except OSError:
+                    if not (final / "manifest.json").is_file():  # not a concurrent load's finished copy
+                        raise
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
     except MlflowException as exc:
         raise InvalidInput(
             f"cannot fetch {ref} from MLflow at {uri} ({exc.error_code}); check the run id or model name and --tracking-uri."
         ) from exc
-    return Path(local)
+    return final
